@@ -1,0 +1,319 @@
+"""Checkpoints: a directory with `model.safetensors` + `card.json`, written atomically, read without pickle.
+
+Why this shape:
+- safetensors and JSON cannot run code when loaded, so a checkpoint downloaded
+  from anywhere is safe to open in the app (`torch.load` of a pickle is not).
+- The card carries the full `ModelConfig`, so the model is rebuilt exactly,
+  and everything the app shows (classes, super-classes, accuracy, MACs) is
+  readable without touching the weights.
+- Every file is written to a temporary name in the same directory, fsynced and
+  renamed over the old one, so a reader never sees half a file. Weights are
+  written before the card, and the card stores the weights' sha256. A kill
+  between the two renames would pair a new weights file with the old card, so
+  the weights that the old card describes are first kept as
+  `model.safetensors.prev`; the loader falls back to them. Whenever the process
+  dies, the directory holds the last complete checkpoint.
+
+Training state for `--resume` (model, AdamW moments, step, epoch, options) is
+one more file, `train_state.safetensors`: tensors plus a JSON header in the
+safetensors metadata, written in one atomic rename so it is always
+self-consistent.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+WEIGHTS = "model.safetensors"
+CARD = "card.json"
+PREV_WEIGHTS = "model.safetensors.prev"   # the weights the current card describes, during a save
+TRAIN_STATE = "train_state.safetensors"
+
+# Keys every card has (SPEC §5 and docs/CONTRACTS.md); save_checkpoint fills the missing ones.
+CARD_KEYS = ("preset", "config", "dataset", "classes", "superclasses", "metrics", "macs", "params",
+             "confusion", "history", "command", "wall_time_s", "version", "created")
+REQUIRED_CARD_KEYS = ("preset", "config", "dataset", "classes", "superclasses", "metrics", "macs", "params")
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, corrupt, or does not match its card."""
+
+
+# ----------------------------------------------------------------------------- atomic files
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_bytes(tensors: dict, metadata: Optional[dict] = None) -> bytes:
+    """safetensors bytes of `tensors` (contiguous CPU copies; tied tensors are stored twice)."""
+    from safetensors.torch import save
+
+    flat, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        if v.data_ptr() in seen:  # safetensors refuses tensors sharing storage
+            v = v.clone()
+        seen.add(v.data_ptr())
+        flat[k] = v
+    return save(flat, metadata=metadata)
+
+
+def _load_tensors(path: Path, device: str = "cpu") -> tuple[dict, dict]:
+    """safetensors file -> (tensors, metadata); any damage is a CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------- cards
+def read_card(directory: PathLike) -> dict:
+    """The checkpoint's card.json, checked for the keys every card must have."""
+    path = Path(directory) / CARD
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing (a checkpoint needs {WEIGHTS} and {CARD})")
+    try:
+        card = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed JSON: {e}") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(card).__name__}")
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise CheckpointError(f"{path}: missing card key(s) {missing}")
+    if not isinstance(card["config"], dict):
+        raise CheckpointError(f"{path}: 'config' must be an object of ModelConfig fields")
+    return card
+
+
+def list_checkpoints(*roots: PathLike) -> list[Path]:
+    """Directories under `roots` (or the roots themselves) holding model.safetensors + card.json, sorted."""
+    found = set()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if WEIGHTS in filenames and CARD in filenames:
+                found.add(Path(dirpath))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_checkpoint(directory: PathLike, model: nn.Module, card: dict, store_dtype: Optional[str] = None) -> dict:
+    """Write model weights and card atomically; returns the card as written.
+
+    `card` may omit keys: `config` comes from `model.cfg`, `version`/`created`
+    are filled in, and other card keys default to null. `store_dtype="bfloat16"`
+    halves the file (for shipped samples); loading casts back to float32.
+    """
+    from . import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if store_dtype is not None:
+        dtype = getattr(torch, store_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"store_dtype must be a floating torch dtype name like 'bfloat16', got {store_dtype!r}")
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    data = _tensor_bytes(state)
+
+    card = dict(card)
+    card["config"] = model.cfg.to_dict()
+    for key in CARD_KEYS:
+        card.setdefault(key, None)
+    card["version"] = card["version"] or __version__
+    card["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    card["weights"] = {"file": WEIGHTS, "sha256": hashlib.sha256(data).hexdigest(),
+                       "dtype": store_dtype or "float32", "bytes": len(data)}
+
+    weights, prev = directory / WEIGHTS, directory / PREV_WEIGHTS
+    _keep_described_weights(directory)
+    atomic_write_bytes(weights, data)        # (old card, new weights): the loader uses .prev
+    atomic_write_json(directory / CARD, card)  # (new card, new weights): complete
+    if prev.exists():
+        prev.unlink()
+    return card
+
+
+def _keep_described_weights(directory: Path) -> None:
+    """Before replacing the weights, make PREV_WEIGHTS the file the current card describes."""
+    weights, prev, card_path = directory / WEIGHTS, directory / PREV_WEIGHTS, directory / CARD
+    try:
+        want = json.loads(card_path.read_text())["weights"]["sha256"]
+    except Exception:
+        want = None  # no complete checkpoint here yet: nothing to protect
+    if want and prev.exists() and sha256_file(prev) == want:
+        return       # an earlier save died after its weights rename; prev is still the good one
+    if prev.exists():
+        prev.unlink()
+    if want and weights.exists() and sha256_file(weights) == want:
+        os.link(weights, prev)  # a second name for the same bytes; the rename below keeps them
+        _fsync_dir(directory)
+
+
+def load_checkpoint(directory: PathLike, map_location: Union[str, torch.device] = "cpu"):
+    """-> (model in eval mode, card). Never unpickles; every problem is a CheckpointError."""
+    from .models import ModelConfig, build_model
+
+    directory = Path(directory)
+    card = read_card(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: file is missing (a checkpoint needs {WEIGHTS} and {CARD})")
+    want = (card.get("weights") or {}).get("sha256")
+    if want and sha256_file(weights) != want:
+        prev = directory / PREV_WEIGHTS
+        if prev.is_file() and sha256_file(prev) == want:
+            warnings.warn(f"{directory}: a save was interrupted; loading the previous complete weights ({prev.name})")
+            weights = prev
+        else:
+            raise CheckpointError(
+                f"{weights}: sha256 does not match {CARD} (the file is corrupt, truncated, or from another save)"
+            )
+    try:
+        cfg = ModelConfig.from_dict(card["config"])
+        model = build_model(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CARD}: 'config' does not describe a valid model: {e}") from None
+    state, _ = _load_tensors(weights, "cpu")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise CheckpointError(f"{weights}: weights do not match the config in {CARD}: " + "; ".join(parts))
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval(), card
+
+
+# ----------------------------------------------------------------------------- training state
+def save_train_state(directory: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> None:
+    """Everything `--resume` needs, in one atomically written file.
+
+    Tensors: `model.<name>` and `optim.<param index>.<key>`; the safetensors
+    metadata holds JSON: `info` (step, epoch, options, ...) and the optimizer's
+    param groups.
+    """
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars = {}
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    meta = {"format": "workbench-train-state/1", "info": json.dumps(info),
+            "param_groups": json.dumps(opt["param_groups"]), "optim_scalars": json.dumps(scalars)}
+    atomic_write_bytes(Path(directory) / TRAIN_STATE, _tensor_bytes(tensors, meta))
+
+
+def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Restore model (and optimizer) from `train_state.safetensors`; returns the saved `info`."""
+    path = Path(directory) / TRAIN_STATE
+    tensors, meta = _load_tensors(path)
+    if meta.get("format") != "workbench-train-state/1":
+        raise CheckpointError(f"{path}: not a workbench training state (format {meta.get('format')!r})")
+    try:
+        info = json.loads(meta["info"])
+        groups = json.loads(meta["param_groups"])
+        scalars = json.loads(meta.get("optim_scalars", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: damaged metadata: {e}") from None
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: model weights do not match this model: {e}") from None
+    if optimizer is not None:
+        opt_state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = v
+        for k, v in scalars.items():
+            idx, key = k.split(".", 1)
+            opt_state.setdefault(int(idx), {})[key] = v
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        try:
+            optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not match this model: {e}") from None
+    return info
+
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints",
+           "save_train_state", "load_train_state", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+           "CARD_KEYS", "WEIGHTS", "CARD", "TRAIN_STATE"]

@@ -190,7 +190,8 @@ def _agglomerative(aff: np.ndarray, num_groups: int, seed: int) -> np.ndarray:
 METHODS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
     "spectral": _spectral,                    # sklearn SpectralClustering, precomputed affinity
     "greedy-modularity": _greedy_modularity,  # networkx Clauset-Newman-Moore, stopped at E groups
-    "kernighan-lin": _kernighan_lin,          # networkx KL bisection, recursive, balanced sizes
+    "kernighan-lin": _kernighan_lin,          # networkx KL bisection, recursive; equal sizes by design,
+                                              # so it cannot recover blocks of unequal size
     "agglomerative": _agglomerative,          # sklearn average linkage on 1 - affinity
 }
 
@@ -205,6 +206,8 @@ def cluster_superclasses(cm, num_groups: int, method: str = "spectral", seed: in
         raise ValueError(f"need 2 <= num_groups <= number of classes ({n}), but got num_groups={num_groups}")
     if method not in METHODS:
         raise ValueError(f"unknown clustering method {method!r}; choose one of {sorted(METHODS)}")
+    if num_groups == n:  # one class per group; spares the solvers a degenerate problem
+        return np.arange(n, dtype=np.int64)
     aff = confusion_affinity(cm)
     aff = aff + _EPS * (aff.max() if aff.max() > 0 else 1.0)
     np.fill_diagonal(aff, 0.0)
@@ -360,8 +363,9 @@ def load_superclass_map(path, class_names: Sequence[str]) -> list[int]:
     e = _check_contiguous(a, f"super-class map {path}")
     if "num_groups" in data and data["num_groups"] != e:
         raise ValueError(f"super-class map {path}: num_groups is {data['num_groups']} but the classes use {e} groups")
-    if "groups" in data and len(data["groups"]) != e:
-        raise ValueError(f"super-class map {path}: {len(data['groups'])} group labels for {e} groups")
+    labels = data.get("groups", [None] * e)
+    if not isinstance(labels, list) or len(labels) != e:
+        raise ValueError(f"super-class map {path}: 'groups' must be a list of {e} group labels")
     return a
 
 

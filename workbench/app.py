@@ -1,4 +1,9 @@
-"""Streamlit entry point: `streamlit run workbench/app.py` (placeholder until the app issue lands)."""
+"""Streamlit entry point: `streamlit run workbench/app.py`.
+
+Declares the pages (the top-level `pages/` folder; paths are relative to this
+file) with `st.navigation`. Every page is a thin script over `workbench/` and
+`analysis/`; shared widgets and caches live in `pages/common.py`.
+"""
 import sys
 from pathlib import Path
 
@@ -8,7 +13,23 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts workbench/ on the path, no
 
 import streamlit as st
 
-st.set_page_config(page_title="MoE Vision Workbench", layout="wide")
-st.title("MoE Vision Workbench")
-st.info("The workbench pages are being built. The models are in `workbench/models/`; "
-        "see README.md for what works today.")
+st.set_page_config(page_title="MoE Vision Workbench", page_icon=":material/hub:", layout="wide")
+
+PAGES = {
+    "Explore": [
+        st.Page("../pages/overview.py", title="Overview", icon=":material/info:", default=True),
+        st.Page("../pages/confusion_graph.py", title="Confusion graph", icon=":material/share:"),
+        st.Page("../pages/superclasses.py", title="Super-classes", icon=":material/category:"),
+        st.Page("../pages/routing.py", title="Routing", icon=":material/alt_route:"),
+        st.Page("../pages/inspector.py", title="Image inspector", icon=":material/image_search:"),
+        st.Page("../pages/tradeoff.py", title="Accuracy vs MACs", icon=":material/scatter_plot:"),
+    ],
+    "Build": [
+        st.Page("../pages/train.py", title="Train", icon=":material/model_training:"),
+    ],
+    "Learn": [
+        st.Page("../pages/learn.py", title="Learn MoE", icon=":material/school:"),
+    ],
+}
+
+st.navigation(PAGES).run()

@@ -1,0 +1,291 @@
+"""Shared pieces of every page: the checkpoint picker, cached loaders and linked selections.
+
+Pages import this module (`from pages.common import ...`; `workbench/app.py`
+puts the repo root on `sys.path`). Nothing here computes anything about a
+model: it picks, loads and caches, and keeps the user's selection (checkpoint,
+class, expert, layer) in `st.session_state` mirrored in `st.query_params`, so
+every view is linked to the others and can be shared as a URL.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st
+
+from workbench import paths
+from workbench.checkpoint import CheckpointError, list_checkpoints, read_card, sha256_file
+
+CKPT_KEY = "sel_ckpt"            # session_state key of the selected checkpoint ("samples/<rel>" | "runs/<rel>")
+DEFAULT_MAX_IMAGES = 2000        # test images analysed per page (configurable in the sidebar)
+
+
+# ----------------------------------------------------------------------------- small helpers
+def need(condition: Any, message: str) -> None:
+    """Show `message` as an info box and stop the page when `condition` is falsy."""
+    if not condition:
+        st.info(message)
+        st.stop()
+
+
+def _roots() -> dict[str, Path]:
+    return {"samples": paths.samples_dir(), "runs": paths.runs_dir()}
+
+
+def ckpt_ref(path: Path) -> str:
+    """'samples/<rel>' or 'runs/<rel>': a checkpoint path relative to the root it lives under."""
+    path = Path(path).resolve()
+    for tag, root in _roots().items():
+        if path == root or root in path.parents:
+            rel = path.relative_to(root).as_posix()
+            return f"{tag}/{rel}" if rel != "." else tag
+    raise ValueError(f"{path} is not under the samples or runs folder")
+
+
+def resolve_ref(ref: str) -> Optional[Path]:
+    """The checkpoint folder named by a 'samples/<rel>' | 'runs/<rel>' reference, or None if invalid."""
+    if not isinstance(ref, str) or not ref:
+        return None
+    tag, _, rel = ref.partition("/")
+    root = _roots().get(tag)
+    if root is None:
+        return None
+    try:
+        return paths.inside(root, rel or ".")
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------- linked selection
+def _cast(value: Any, like: Any) -> Any:
+    if like is None or isinstance(value, type(like)):
+        return value
+    try:
+        if isinstance(like, bool):
+            return str(value).lower() in ("1", "true", "yes")
+        return type(like)(value)
+    except (TypeError, ValueError):
+        return like
+
+
+def selection(key: str, default: Any) -> Any:
+    """The shared selection `key` (e.g. "class", "expert", "layer"): session state, else URL, else default.
+
+    The value is cast to the type of `default` when it comes from the URL.
+    """
+    skey = f"sel_{key}"
+    if skey in st.session_state:
+        return st.session_state[skey]
+    if key in st.query_params:
+        value = _cast(st.query_params[key], default)
+        st.session_state[skey] = value
+        return value
+    return default
+
+
+def set_selection(key: str, value: Any) -> None:
+    """Store the shared selection `key` in session state and mirror it in the URL."""
+    st.session_state[f"sel_{key}"] = value
+    if value is None:
+        st.query_params.pop(key, None)
+    else:
+        st.query_params[key] = str(value)
+
+
+def linked_selectbox(label: str, options: Sequence, key: str, default: Any = None,
+                     format_func: Callable = str, container=None, **kwargs) -> Any:
+    """A selectbox whose value is the shared selection `key` (linked across pages and the URL)."""
+    options = list(options)
+    if not options:
+        return None
+    container = container or st
+    current = selection(key, default if default is not None else options[0])
+    if current not in options:
+        current = options[0]
+    wkey = f"w_{key}"
+    if st.session_state.get(wkey) not in options or st.session_state.get(f"_last_{key}") != current:
+        st.session_state[wkey] = current
+    value = container.selectbox(label, options, key=wkey, format_func=format_func, **kwargs)
+    st.session_state[f"_last_{key}"] = value
+    set_selection(key, value)
+    return value
+
+
+def mirror_selections(*keys: str) -> None:
+    """Re-write stored selections into the URL (page switches clear query params)."""
+    for key in keys:
+        skey = f"sel_{key}"
+        if skey in st.session_state and st.session_state[skey] is not None:
+            st.query_params[key] = str(st.session_state[skey])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@st.cache_data(show_spinner=False, max_entries=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 of the checkpoint's model.safetensors (cached on path + mtime + size)."""
+    f = Path(path) / "model.safetensors"
+    stat = f.stat()
+    return _file_digest(str(f), stat.st_mtime_ns, stat.st_size)
+
+
+@st.cache_data(show_spinner=False, ttl=5)
+def _available(samples: str, runs: str) -> list[tuple[str, str]]:
+    """(ref, label) of every readable checkpoint under the two roots."""
+    out = []
+    for path in list_checkpoints(samples, runs):
+        try:
+            card = read_card(path)
+        except CheckpointError:
+            continue
+        out.append((ckpt_ref(path), card_label(path, card)))
+    return out
+
+
+def card_label(path: Path, card: dict) -> str:
+    acc = (card.get("metrics") or {}).get("test_accuracy")
+    acc_txt = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "n/a"
+    where = "run" if ckpt_ref(path).startswith("runs/") else "sample"
+    return f"{Path(path).name} · {card.get('preset')} · {card.get('dataset')} · {acc_txt} ({where})"
+
+
+def available_checkpoints() -> list[tuple[Path, str]]:
+    """Every checkpoint the app may open: (folder, label)."""
+    roots = _roots()
+    return [(resolve_ref(ref), label) for ref, label in _available(str(roots["samples"]), str(roots["runs"]))]
+
+
+def checkpoint_picker() -> Optional[Path]:
+    """Sidebar checkpoint selector shared by all pages; the choice is kept in session state and the URL.
+
+    Returns the selected checkpoint folder, or None (with a helpful message)
+    when there is none to choose.
+    """
+    items = available_checkpoints()
+    if not items:
+        st.sidebar.info("No checkpoints found.")
+        st.info(
+            f"No checkpoints found in `{paths.samples_dir()}` or `{paths.runs_dir()}`. "
+            "Train one on the **Train** page, or from a shell: "
+            "`python -m workbench.train --dataset synthetic --model mvmoe-4x64-e4k1 --epochs 1 --out runs/first`."
+        )
+        return None
+    refs = [ckpt_ref(p) for p, _ in items]
+    labels = dict(zip(refs, (label for _, label in items)))
+    current = st.session_state.get(CKPT_KEY)
+    if current is None and "ckpt" in st.query_params:
+        url_ref = st.query_params["ckpt"]
+        url_path = resolve_ref(url_ref)
+        if url_path is not None and url_path.is_dir() and ckpt_ref(url_path) in refs:
+            current = ckpt_ref(url_path)
+        else:
+            st.sidebar.warning(f"Checkpoint `{url_ref}` from the link is not available; showing another one.")
+    if current not in refs:
+        if current is not None:
+            st.sidebar.warning(f"Checkpoint `{current}` is gone (deleted or renamed); showing another one.")
+        current = refs[0]
+    if st.session_state.get("w_ckpt") != current:
+        st.session_state["w_ckpt"] = current
+    ref = st.sidebar.selectbox("Checkpoint", refs, key="w_ckpt", format_func=lambda r: labels.get(r, r),
+                               help="Sample checkpoints shipped with the workbench and your training runs.")
+    st.session_state[CKPT_KEY] = ref
+    st.query_params["ckpt"] = ref
+    mirror_selections("class", "expert", "layer")
+    return resolve_ref(ref)
+
+
+def max_images() -> int:
+    """How many test images analyses use (sidebar setting, shared by pages)."""
+    if "cfg_max_images" not in st.session_state:
+        st.session_state["cfg_max_images"] = DEFAULT_MAX_IMAGES
+    return int(st.sidebar.number_input(
+        "Test images analysed", min_value=100, max_value=20000, step=500, key="cfg_max_images",
+        help="Analyses use the first N images of a fixed shuffle of the test split; fewer is faster."))
+
+
+# ----------------------------------------------------------------------------- loading
+@st.cache_resource(show_spinner="Loading model…", max_entries=8)
+def _load_model(path: str, digest: str):
+    from workbench.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(path)
+    return model
+
+
+def load_model(path: Path):
+    """The checkpoint's model in eval mode, cached by path + weights hash.
+
+    The cached object is shared: never change its routing settings in place;
+    use `model_copy` for inference-time knobs.
+    """
+    return _load_model(str(path), checkpoint_hash(path))
+
+
+def model_copy(path: Path):
+    """A private deep copy of the cached model, safe to `set_routing` on."""
+    return copy.deepcopy(load_model(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _load_card(path: str, mtime_ns: int) -> dict:
+    return read_card(path)
+
+
+def load_card(path: Path) -> dict:
+    """The checkpoint's card.json (cached until the file changes)."""
+    return _load_card(str(path), (Path(path) / "card.json").stat().st_mtime_ns)
+
+
+def open_checkpoint(path: Optional[Path]) -> tuple[Optional[dict], Optional[Path]]:
+    """(card, path) of the selected checkpoint, or a message + st.stop() when it cannot be read."""
+    need(path is not None, "Pick a checkpoint in the sidebar to use this page.")
+    try:
+        return load_card(path), path
+    except (CheckpointError, OSError) as e:
+        st.warning(f"This checkpoint cannot be read (was its folder deleted or is a run still writing it?): {e}")
+        st.stop()
+
+
+def get_model(path: Path):
+    """load_model with a warning + stop instead of a traceback when the weights are unusable."""
+    try:
+        return load_model(path)
+    except (CheckpointError, OSError) as e:
+        st.warning(f"The model in `{path.name}` cannot be loaded: {e}")
+        st.stop()
+
+
+@st.cache_data(show_spinner="Loading test data…", max_entries=4)
+def _load_eval_data(dataset: str):
+    from workbench.data import load_dataset
+
+    return load_dataset(dataset, "test")
+
+
+def load_eval_data(card: dict):
+    """The test split of the card's dataset (an `ImageDataset`), or None with a warning when unavailable."""
+    name = card.get("dataset")
+    try:
+        return _load_eval_data(name)
+    except ImportError as e:
+        st.warning(f"The data module is not available: {e}")
+    except ValueError as e:  # DatasetError is a ValueError; it says where it looked and how to get the data
+        st.warning(f"The test data of **{name}** is not available here, so this view cannot be computed.\n\n{e}")
+    return None
+
+
+__all__ = [
+    "need", "selection", "set_selection", "linked_selectbox", "mirror_selections",
+    "checkpoint_picker", "available_checkpoints", "checkpoint_hash", "ckpt_ref", "resolve_ref",
+    "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "max_images",
+    "DEFAULT_MAX_IMAGES",
+]

@@ -1,0 +1,1 @@
+import streamlit as st; st.info("The Train page is being built.")

@@ -181,7 +181,9 @@ def checkpoint_picker() -> Optional[Path]:
         return None
     refs = [ckpt_ref(p) for p, _ in items]
     labels = dict(zip(refs, (label for _, label in items)))
-    current = st.session_state.get(CKPT_KEY)
+    current = st.session_state.get("w_ckpt")  # the widget's value, when it was rendered on the last run
+    if current not in refs:
+        current = st.session_state.get(CKPT_KEY)
     if current is None and "ckpt" in st.query_params:
         url_ref = st.query_params["ckpt"]
         url_path = resolve_ref(url_ref)
@@ -193,8 +195,7 @@ def checkpoint_picker() -> Optional[Path]:
         if current is not None:
             st.sidebar.warning(f"Checkpoint `{current}` is gone (deleted or renamed); showing another one.")
         current = refs[0]
-    if st.session_state.get("w_ckpt") != current:
-        st.session_state["w_ckpt"] = current
+    st.session_state["w_ckpt"] = current
     ref = st.sidebar.selectbox("Checkpoint", refs, key="w_ckpt", format_func=lambda r: labels.get(r, r),
                                help="Sample checkpoints shipped with the workbench and your training runs.")
     st.session_state[CKPT_KEY] = ref
@@ -271,21 +272,122 @@ def _load_eval_data(dataset: str):
     return load_dataset(dataset, "test")
 
 
-def load_eval_data(card: dict):
+def load_eval_data(card: dict, quiet: bool = False):
     """The test split of the card's dataset (an `ImageDataset`), or None with a warning when unavailable."""
     name = card.get("dataset")
     try:
         return _load_eval_data(name)
     except ImportError as e:
-        st.warning(f"The data module is not available: {e}")
+        if not quiet:
+            st.warning(f"The data module is not available: {e}")
     except ValueError as e:  # DatasetError is a ValueError; it says where it looked and how to get the data
-        st.warning(f"The test data of **{name}** is not available here, so this view cannot be computed.\n\n{e}")
+        if not quiet:
+            st.warning(f"The test data of **{name}** is not available here, so this view cannot be computed.\n\n{e}")
     return None
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _subset(name: str, n: int, size: int):
+    ds = _load_eval_data(name)
+    import numpy as np
+
+    idx = np.sort(np.random.default_rng(0).permutation(len(ds))[:n])
+    return ds.subset(idx.tolist())
+
+
+def eval_subset(card: dict, n: Optional[int] = None):
+    """The first `n` (default: the sidebar setting) images of a fixed shuffle of the test split, or None."""
+    ds = load_eval_data(card)
+    if ds is None:
+        return None
+    n = max_images() if n is None else n
+    if n >= len(ds):
+        return ds
+    return _subset(card["dataset"], int(n), len(ds))
+
+
+@st.cache_data(show_spinner="Computing the confusion matrix on the test split…", max_entries=16)
+def _test_confusion(digest: str, n: int, _model, _ds) -> list:
+    from analysis.confusion import model_confusion
+
+    return model_confusion(_model, _ds).tolist()
+
+
+def confusion_picker(card: dict, path: Path):
+    """Sidebar choice of the confusion matrix to use -> (counts as float array, source label).
+
+    The card's held-out confusion (the paper's input to super-class discovery)
+    when it has one, or the model's confusion on the test split computed now.
+    Stops the page with a message when neither is available.
+    """
+    import numpy as np
+
+    conf = card.get("confusion") or {}
+    sources = [f"{conf.get('split', 'held-out')} split (from the card)"] if conf.get("matrix") else []
+    sources.append("test split (computed now)")
+    source = st.sidebar.radio("Confusion of", sources, key="w_confusion_source",
+                              help="The paper clusters the dense baseline's confusion on held-out training "
+                                   "data; the test split works for any checkpoint.")
+    if source.endswith("(from the card)"):
+        cm = np.asarray(conf["matrix"], dtype=np.float64)
+    else:
+        ds = eval_subset(card)
+        need(ds is not None, "No test data to compute a confusion matrix from (see the warning above).")
+        cm = np.asarray(_test_confusion(checkpoint_hash(path), len(ds), get_model(path), ds), dtype=np.float64)
+    n = len(card.get("classes") or [])
+    need(cm.shape == (n, n), f"The confusion matrix has shape {cm.shape} but the card lists {n} classes.")
+    return cm, source
+
+
+def to_pil(image_chw):
+    """uint8 (C, H, W) array/tensor -> PIL image (grey or RGB), for display."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(image_chw)
+    return Image.fromarray(a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0)))
 
 
 __all__ = [
     "need", "selection", "set_selection", "linked_selectbox", "mirror_selections",
     "checkpoint_picker", "available_checkpoints", "checkpoint_hash", "ckpt_ref", "resolve_ref",
-    "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "max_images",
-    "DEFAULT_MAX_IMAGES",
+    "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset",
+    "max_images",
+    "DEFAULT_MAX_IMAGES", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
 ]
+
+
+# ----------------------------------------------------------------------------- super-class maps
+SUPERCLASS_MAP_KEY = "superclass_map"   # session_state: the map chosen on the Super-classes page (map-file dict)
+
+
+def session_superclass_map(classes: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """The super-class map chosen on the Super-classes page (docs/CONTRACTS.md map-file dict), or None.
+
+    With `classes`, only a map whose class names match them is returned.
+    """
+    m = st.session_state.get(SUPERCLASS_MAP_KEY)
+    if not m:
+        return None
+    if classes is not None and list(m.get("classes", {})) != [str(c) for c in classes]:
+        return None
+    return m
+
+
+def group_sources(card: dict, ds=None) -> dict[str, tuple[list[int], list[str]]]:
+    """Available class -> group assignments for colouring: {source label: (assignment, group names)}."""
+    out = {}
+    classes = card.get("classes") or []
+    sc = card.get("superclasses")
+    if sc and sc.get("assignment"):
+        a = [int(g) for g in sc["assignment"]]
+        out["checkpoint's super-classes"] = (a, list(sc.get("names") or [f"group {g}" for g in range(max(a) + 1)]))
+    m = session_superclass_map(classes)
+    if m:
+        out[f"map from Super-classes page ({m.get('method')}, E={m.get('num_groups')})"] = (
+            [int(m["classes"][str(c)]) for c in classes], list(m.get("groups") or []))
+    if ds is not None and getattr(ds, "reference_groups", None):
+        ref = [int(g) for g in ds.reference_groups]
+        names = list(getattr(ds, "reference_group_names", None) or [f"group {g}" for g in range(max(ref) + 1)])
+        out["dataset's reference groups"] = (ref, names)
+    return out

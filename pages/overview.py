@@ -1,3 +1,128 @@
+"""Overview: the selected checkpoint's model card and a diagram of its blocks."""
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
-st.info("This page is being built.")
+from pages.common import checkpoint_picker, get_model, need, open_checkpoint
+
+FAMILY_TEXT = {
+    "vit": "Dense ViT: every block runs its MLP on every token (the baseline).",
+    "vmoe": "V-MoE (Riquelme et al., 2021): per-**token** routing — each token picks its top-k experts "
+            "in every MoE block, subject to expert capacity.",
+    "mvmoe": "Mobile V-MoE (Daxberger et al., 2023): per-**image** routing — one router reads a summary of "
+             "the image and picks the experts the whole image uses in every MoE block.",
+}
+COLORS = {"dense": "#9fb3c8", "moe": "#e4873b", "io": "#d9d9d9", "router": "#3b6fb6"}
+
+
+def _fmt(n) -> str:
+    if not isinstance(n, (int, float)):
+        return "n/a"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def block_diagram(cfg: dict, moe_blocks: list[int]) -> go.Figure:
+    """Patch embed -> blocks (dense / MoE) -> head, with an arrow where the router reads."""
+    depth = cfg["depth"]
+    fig = go.Figure()
+    items = [("Patch embed", "io")] + [
+        (f"Block {i}<br>{'MoE' if i in moe_blocks else 'dense'}", "moe" if i in moe_blocks else "dense")
+        for i in range(depth)] + [("Head", "io")]
+    for x, (text, kind) in enumerate(items):
+        fig.add_shape(type="rect", x0=x - 0.42, x1=x + 0.42, y0=0, y1=1, fillcolor=COLORS[kind],
+                      line=dict(color="#555", width=1))
+        fig.add_annotation(x=x, y=0.5, text=text, showarrow=False, font=dict(size=11))
+        if x:
+            fig.add_annotation(x=x - 0.42, y=0.5, ax=x - 0.58, ay=0.5, xref="x", yref="y", axref="x", ayref="y",
+                               showarrow=True, arrowhead=2, text="")
+    family = cfg["family"]
+    if family == "mvmoe" and moe_blocks:
+        readers = moe_blocks if cfg.get("per_layer_routers") else moe_blocks[:1]
+        for b in readers:
+            x = b + 1 - 0.5  # between the previous block and this MoE block
+            fig.add_annotation(x=x, y=1.0, ax=x, ay=1.6, xref="x", yref="y", axref="x", ayref="y",
+                               text="", showarrow=True, arrowhead=0, arrowcolor=COLORS["router"], startstandoff=0)
+        x0 = moe_blocks[0] + 0.5
+        fig.add_annotation(x=x0, y=1.75, showarrow=False, font=dict(color=COLORS["router"]),
+                           text=f"image router reads the {cfg.get('router_input', 'mean')} token summary "
+                                f"→ top-{cfg['top_k']} of {cfg['num_experts']} experts for all MoE blocks"
+                           if not cfg.get("per_layer_routers") else "one image router per MoE block")
+    elif family == "vmoe":
+        for b in moe_blocks:
+            fig.add_annotation(x=b + 1, y=1.0, ax=b + 1, ay=1.5, xref="x", yref="y", axref="x", ayref="y",
+                               text="", showarrow=True, arrowhead=2, arrowcolor=COLORS["router"])
+        fig.add_annotation(x=(moe_blocks[0] + moe_blocks[-1]) / 2 + 1, y=1.7, showarrow=False,
+                           font=dict(color=COLORS["router"]),
+                           text=f"token router in each MoE block: every token → top-{cfg['top_k']} of "
+                                f"{cfg['num_experts']} experts (capacity ratio {cfg.get('eval_capacity_ratio')} at eval)")
+    fig.update_xaxes(visible=False, range=[-0.6, len(items) - 0.4])
+    fig.update_yaxes(visible=False, range=[-0.2, 2.0])
+    fig.update_layout(height=230, margin=dict(l=10, r=10, t=10, b=10), plot_bgcolor="white")
+    return fig
+
+
+st.title("Overview")
+card, path = open_checkpoint(checkpoint_picker())
+cfg = card["config"]
+family = cfg.get("family", "vit")
+st.caption(f"`{path.name}` · {FAMILY_TEXT.get(family, family)}")
+
+macs = card.get("macs") or {}
+params = card.get("params") or {}
+acc = (card.get("metrics") or {}).get("test_accuracy")
+
+c = st.columns(4)
+c[0].metric("Family", family)
+c[1].metric("Preset", card.get("preset") or "n/a")
+c[2].metric("Experts E / k", f"{cfg['num_experts']} / {cfg['top_k']}" if family != "vit" else "dense")
+c[3].metric("Test accuracy", f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "n/a")
+c = st.columns(4)
+active, dense = macs.get("active"), macs.get("dense")
+c[0].metric("MACs per image (active)", _fmt(active),
+            help="Multiply-accumulates per image actually run: attention, router and only the active experts.")
+c[1].metric("MACs per image (dense equivalent)", _fmt(dense),
+            delta=f"{100 * (active / dense - 1):+.1f}% active vs dense" if active and dense else None,
+            delta_color="off", help="The same-shape dense ViT.")
+c[2].metric("Parameters active / total",
+            f"{_fmt(params.get('active', macs.get('params_active')))} / {_fmt(params.get('total', macs.get('params_total')))}")
+c[3].metric("Dataset", str(card.get("dataset")))
+
+st.subheader("Architecture")
+model = get_model(path)
+moe_blocks = model.cfg.moe_block_indices()
+st.plotly_chart(block_diagram(cfg, moe_blocks))
+st.caption(f"{cfg['depth']} blocks of width {cfg['width']}, patch {cfg['patch_size']} on "
+           f"{cfg['img_size']}×{cfg['img_size']}×{cfg['in_chans']} inputs; MoE blocks: {moe_blocks or 'none'}.")
+
+st.subheader("Super-classes")
+sc = card.get("superclasses")
+classes = card.get("classes") or []
+if sc and sc.get("assignment"):
+    names = sc.get("names") or [f"group {g}" for g in range(max(sc["assignment"]) + 1)]
+    rows = [{"super-class": g, "name": names[g] if g < len(names) else f"group {g}",
+             "classes": ", ".join(str(classes[i]) for i, a in enumerate(sc["assignment"]) if a == g and i < len(classes))}
+            for g in range(len(names))]
+    st.caption(f"Router trained to predict these groups (method: {sc.get('method', 'n/a')}). "
+               "Expert e serves super-class e.")
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+elif family == "mvmoe":
+    st.info("This per-image model was trained end to end (router with balancing losses, no super-class map).")
+else:
+    st.info("No super-class map: only per-image (mvmoe) models use one. "
+            "Find super-classes on the **Super-classes** page.")
+
+history = card.get("history") or []
+if history:
+    st.subheader("Training history")
+    hist = pd.DataFrame(history)
+    x = "epoch" if "epoch" in hist else None
+    cols = [col for col in hist.columns if col != x and pd.api.types.is_numeric_dtype(hist[col])]
+    if cols:
+        import plotly.express as px
+        st.plotly_chart(px.line(hist, x=x, y=cols, markers=True))
+
+with st.expander("Full card (JSON)"):
+    st.json({k: v for k, v in card.items() if k not in ("confusion", "history")}, expanded=False)

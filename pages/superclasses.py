@@ -1,3 +1,104 @@
+"""Super-classes: cluster the confusion graph into E groups live, judge the grouping, export it for training."""
+import json
+
+import numpy as np
+import pandas as pd
 import streamlit as st
 
-st.info("This page is being built.")
+from analysis.superclasses import (METHODS, cluster_superclasses, clustering_quality, compare_methods,
+                                   superclass_map)
+from pages.common import (SUPERCLASS_MAP_KEY, checkpoint_picker, confusion_picker, load_eval_data, need,
+                          open_checkpoint, to_pil)
+
+METHOD_HELP = {
+    "spectral": "spectral clustering on the confusion affinity (precomputed kernel)",
+    "greedy_modularity": "networkx greedy modularity, merged down to exactly E communities",
+    "kernighan_lin": "recursive Kernighan–Lin bisection (balanced halves)",
+    "agglomerative": "average-linkage agglomerative clustering on 1 − affinity",
+}
+
+
+@st.cache_data(show_spinner="Clustering…", max_entries=128)
+def run_clustering(cm: tuple, num_groups: int, method: str, seed: int) -> list:
+    return cluster_superclasses(np.array(cm), num_groups, method=method, seed=seed).tolist()
+
+
+@st.cache_data(show_spinner="Comparing methods…", max_entries=32)
+def run_comparison(cm: tuple, num_groups: int, reference, seed: int) -> pd.DataFrame:
+    return compare_methods(np.array(cm), num_groups, reference=list(reference) if reference else None, seed=seed)
+
+
+st.title("Super-classes")
+st.caption("Mobile V-MoE trains its per-image router to predict *super-classes*: groups of classes that a dense "
+           "baseline confuses. Cluster the confusion graph into E groups (one per expert), check the grouping, "
+           "and download the map for training.")
+card, path = open_checkpoint(checkpoint_picker())
+classes = [str(c) for c in card.get("classes") or []]
+need(len(classes) >= 2, "Super-classes need a checkpoint with at least two classes.")
+cm, source = confusion_picker(card, path)
+if card["config"].get("family") != "vit" and source.endswith("(from the card)"):
+    st.caption("Note: the paper clusters the confusion of a *dense* baseline; this is the selected checkpoint's.")
+
+ds = load_eval_data(card, quiet=True)
+reference = list(ds.reference_groups) if ds is not None and getattr(ds, "reference_groups", None) else None
+
+c = st.columns([1.2, 1, 1])
+method = c[0].selectbox("Method", list(METHODS), format_func=lambda m: m.replace("_", " "),
+                        help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items() if k in METHODS))
+if not 2 <= st.session_state.get("w_num_groups", 2) <= len(classes):
+    del st.session_state["w_num_groups"]  # left over from a checkpoint with more classes
+default_e = int(card["config"].get("num_experts") or 0) or min(4, len(classes))
+num_groups = c[1].slider("Number of super-classes E", 2, len(classes), min(max(default_e, 2), len(classes)),
+                         key="w_num_groups", help="E = number of experts of the Mobile V-MoE to train.")
+seed = int(c[2].number_input("Seed", 0, 10_000, 0, step=1))
+
+key_cm = tuple(map(tuple, cm.tolist()))
+assignment = run_clustering(key_cm, num_groups, method, seed)
+mapping = superclass_map(assignment, classes, str(card.get("dataset")), method)
+st.session_state[SUPERCLASS_MAP_KEY] = mapping  # the Train page and the other views offer this map
+
+quality = clustering_quality(cm, assignment, reference)
+q = st.columns(5 if reference else 3)
+q[0].metric("Confusion kept inside groups", f"{quality['within_share']:.1%}",
+            help="Share of all off-diagonal confusion (image counts) between classes of the same group: "
+                 "the mistakes the router can leave to one expert.")
+q[1].metric("Balance", f"{quality['balance']:.2f}", help="Entropy of the group sizes / log E (1 = equal sizes).")
+q[2].metric("Group sizes", " · ".join(map(str, quality["sizes"])))
+if reference:
+    q[3].metric("ARI vs reference", f"{quality['ari']:.3f}",
+                help=f"Adjusted Rand index against the dataset's reference hierarchy "
+                     f"({getattr(ds, 'reference_source', '') or 'documented groups'}).")
+    q[4].metric("NMI vs reference", f"{quality['nmi']:.3f}")
+
+st.subheader(f"{num_groups} groups")
+rows = []
+for g, label in enumerate(mapping["groups"]):
+    members = [classes[i] for i, a in enumerate(assignment) if a == g]
+    rows.append({"group": g, "label": label, "size": len(members), "classes": ", ".join(members)})
+st.dataframe(pd.DataFrame(rows), hide_index=True, key="groups_table")
+
+if ds is not None:
+    with st.expander("Example test images per group", expanded=True):
+        labels = np.asarray(ds.labels)
+        for g in range(num_groups):
+            members = [i for i, a in enumerate(assignment) if a == g][:6]
+            picks = [int(np.flatnonzero(labels == ci)[0]) for ci in members if (labels == ci).any()]
+            cols = st.columns([1] + [1] * 6)
+            cols[0].markdown(f"**{g}**: {mapping['groups'][g]}")
+            for col, idx in zip(cols[1:], picks):
+                col.image(to_pil(ds.images[idx]), caption=classes[int(labels[idx])], width=64)
+else:
+    st.caption("Example images appear when the test data of this dataset is available.")
+
+st.subheader("Use it")
+st.download_button("Download super-class map (JSON)", json.dumps(mapping, indent=2),
+                   file_name=f"superclasses-{card.get('dataset')}-{method}-e{num_groups}.json".replace(":", "_"),
+                   mime="application/json")
+st.caption(f"The **Train** page offers this map (E = {num_groups}) for a `mvmoe-…-e{num_groups}k1` run; "
+           "from a shell: `python -m workbench.train --superclasses FILE …`.")
+
+if st.toggle("Compare all methods at this E"):
+    table = run_comparison(key_cm, num_groups, tuple(reference) if reference else None, seed)
+    show = [c for c in ("method", "within_share", "balance", "min_size", "max_size", "modularity", "ari", "nmi",
+                        "seconds") if c in table]
+    st.dataframe(table[show], hide_index=True)

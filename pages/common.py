@@ -204,6 +204,19 @@ def checkpoint_picker() -> Optional[Path]:
     return resolve_ref(ref)
 
 
+def forget_on_checkpoint_change(scope: str, *widget_keys: str) -> None:
+    """Drop the page's widget state (`widget_keys`) when the checkpoint changed since the page last ran.
+
+    Knobs such as disabled experts or k only make sense for the model they were set on.
+    """
+    ref = st.session_state.get(CKPT_KEY)
+    marker = f"_ckpt_of_{scope}"
+    if st.session_state.get(marker) != ref:
+        for key in widget_keys:
+            st.session_state.pop(key, None)
+        st.session_state[marker] = ref
+
+
 def max_images() -> int:
     """How many test images analyses use (sidebar setting, shared by pages)."""
     if "cfg_max_images" not in st.session_state:
@@ -353,7 +366,7 @@ __all__ = [
     "checkpoint_picker", "available_checkpoints", "checkpoint_hash", "ckpt_ref", "resolve_ref",
     "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset",
     "max_images",
-    "DEFAULT_MAX_IMAGES", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
+    "DEFAULT_MAX_IMAGES", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
 ]
 
 

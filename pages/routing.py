@@ -1,3 +1,188 @@
+"""Routing: what the routers learned — who goes where, balance, drops, layer agreement, maps, embeddings."""
+import copy
+
+import numpy as np
+import pandas as pd
 import streamlit as st
 
-st.info("This page is being built.")
+from analysis import routing as R
+from analysis.collect import collect_routing, routing_overrides
+from analysis.embedding import embedding_figure, embedding_frame
+from pages.common import (checkpoint_hash, checkpoint_picker, eval_subset, linked_selectbox, load_model, need,
+                          open_checkpoint, forget_on_checkpoint_change)
+
+
+@st.cache_data(show_spinner="Routing the test images…", max_entries=24)
+def routing_analysis(digest: str, n: int, top_k: int, capacity_ratio, bpr, disabled: tuple,
+                     max_share: float, _path, _ds, _card) -> dict:
+    """One pass of a private copy of the model at these settings, and every statistic of it."""
+    from workbench.flops import count_macs
+
+    model = copy.deepcopy(load_model(_path))  # never change the shared cached model
+    sc = _card.get("superclasses") or {}
+    with routing_overrides(model, top_k=top_k, eval_capacity_ratio=capacity_ratio, batch_priority=bpr,
+                           disabled_experts=list(disabled)):
+        summary = collect_routing(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
+                                  classes=_card.get("classes"), superclass_names=sc.get("names"))
+        macs = count_macs(model, _ds.image_shape, routing=summary.to_records())
+    report = R.routing_report(summary, max_share=max_share)
+    return {"summary": summary, "report": report, "macs": macs, "accuracy": summary.accuracy}
+
+
+@st.cache_data(show_spinner="Comparing BPR with vanilla priority…", max_entries=16)
+def bpr_comparison(digest: str, n: int, top_k: int, capacity_ratio: float, disabled: tuple, _path, _ds):
+    model = copy.deepcopy(load_model(_path))
+    with routing_overrides(model, top_k=top_k, disabled_experts=list(disabled)):
+        return R.compare_batch_priority(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
+                                        eval_capacity_ratio=capacity_ratio)
+
+
+@st.cache_data(show_spinner="Computing the 2-D embedding (UMAP)…", max_entries=16)
+def embedding(digest: str, key: tuple, source: str, layer: int, _summary) -> pd.DataFrame:
+    return embedding_frame(_summary, source, layer=layer, checkpoint_sha=digest, split="test")
+
+
+st.title("Routing")
+card, path = open_checkpoint(checkpoint_picker())
+cfg = card["config"]
+family = cfg.get("family")
+need(family in ("vmoe", "mvmoe"), "This is a dense model: it has no router. Pick a V-MoE (per-token) or "
+     "Mobile V-MoE (per-image) checkpoint in the sidebar.")
+forget_on_checkpoint_change("routing", "w_disabled", "w_topk", "w_capacity", "w_bpr", "w_max_share")
+ds = eval_subset(card)
+need(ds is not None, "Routing statistics need the test images (see the warning above).")
+E = int(cfg["num_experts"])
+
+# ----------------------------------------------------------------------------- inference-time knobs
+with st.sidebar.expander("Inference-time routing", expanded=True):
+    disabled = st.multiselect("Disabled experts", list(range(E)), key="w_disabled",
+                              help="The router renormalises over the remaining experts (expert ablation).")
+    k_max = max(1, E - len(disabled))
+    if k_max > 1:
+        if not 1 <= st.session_state.get("w_topk", 0) <= k_max:
+            st.session_state["w_topk"] = min(int(cfg["top_k"]), k_max)
+        top_k = st.slider("k (experts per " + ("token" if family == "vmoe" else "image") + ")", 1, k_max,
+                          key="w_topk")
+    else:
+        top_k = 1
+        st.caption("k = 1 (only one expert left enabled)")
+    capacity_ratio = bpr = None
+    if family == "vmoe":
+        capacity_ratio = st.slider("Capacity ratio C (eval)", 0.25, 4.0, float(cfg.get("eval_capacity_ratio", 2.0)),
+                                   0.05, key="w_capacity")
+        bpr = st.toggle("Batch Priority Routing", bool(cfg.get("batch_priority", True)), key="w_bpr")
+    max_share = st.slider("Imbalance flag: max share of one expert", 0.05, 1.0, float(min(0.75, 2.0 / E)), 0.01,
+                          key="w_max_share", help="Flag a block when one expert takes more than this share.")
+
+need(len(disabled) < E, "Leave at least one expert enabled.")
+res = routing_analysis(checkpoint_hash(path), len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled)),
+                       float(max_share), path, ds, card)
+summary, report = res["summary"], res["report"]
+layers = summary.layer_indices
+classes = summary.class_names()
+
+acc = (card.get("metrics") or {}).get("test_accuracy")
+m = st.columns(4)
+m[0].metric(f"Accuracy on {len(ds)} test images", f"{res['accuracy']:.2%}",
+            delta=f"{100 * (res['accuracy'] - acc):+.2f} pts vs card" if isinstance(acc, (int, float)) else None)
+m[1].metric("MACs per image (at these settings)", f"{res['macs']['active'] / 1e6:.2f} M")
+m[2].metric("Params active", f"{res['macs']['params_active'] / 1e6:.3f} M")
+flag_row = report["balance"].iloc[-1]
+m[3].metric("Load balance", str(flag_row["flag"]))
+if flag_row["flag"] != "ok":
+    st.warning(f"Expert load is **{flag_row['flag']}**: {flag_row['reason']}")
+
+# ----------------------------------------------------------------------------- class x expert
+st.header("Who goes where")
+c = st.columns([1, 1, 1, 1])
+layer = linked_selectbox("MoE block", layers, key="layer", container=c[0])
+by_options = ["class"] + (["superclass"] if summary.superclasses is not None else [])
+by = c[1].radio("Rows", by_options, horizontal=True)
+norm = c[2].radio("Normalise", ["row", "column", "counts"], horizontal=True,
+                  help="row: where a class goes, P(expert | class); column: what an expert sees, P(class | expert).")
+tokens = c[3].radio("Tokens", ["all", "patches", "cls"], horizontal=True) if family == "vmoe" else "all"
+table = R.class_expert_counts(summary, layer, by=by, normalize=None if norm == "counts" else norm, tokens=tokens)
+left, right = st.columns([1.3, 1])
+left.plotly_chart(R.heatmap_figure(table, title=f"{by} × expert, block {layer}",
+                                   colorbar="count" if norm == "counts" else "share"), key="cxe")
+with right:
+    cls = linked_selectbox("Class", list(range(len(classes))), key="class", format_func=lambda i: classes[i])
+    exp = linked_selectbox("Expert", list(range(E)), key="expert", format_func=lambda e: f"expert {e}")
+    rows = R.class_expert_counts(summary, layer, normalize="row", tokens=tokens)
+    cols = R.class_expert_counts(summary, layer, normalize="column", tokens=tokens)
+    st.markdown(f"**{classes[cls]}** goes to: " + ", ".join(
+        f"expert {e} ({v:.0%})" for e, v in rows.iloc[cls].sort_values(ascending=False).items() if v > 0.005))
+    top = cols[exp].sort_values(ascending=False)
+    st.markdown(f"**Expert {exp}** sees: " + (", ".join(f"{k} ({v:.0%})" for k, v in top.items() if v > 0.005)
+                                              or "nothing (unused or disabled)"))
+st.caption("Routing table (class × expert, the numbers behind the heatmap):")
+st.dataframe(table.round(4), key="routing_table")
+
+# ----------------------------------------------------------------------------- balance
+st.header("Expert load and balance")
+left, right = st.columns([1.3, 1])
+left.plotly_chart(R.load_figure(report["load"]), key="load")
+with right:
+    bal = report["balance"][["layer", "min_share", "max_share", "cv2", "gini", "entropy_norm", "flag"]]
+    st.dataframe(bal.round(3), hide_index=True)
+    st.dataframe(report["entropy"][["layer", "mean_entropy", "marginal_entropy", "top1_entropy"]].round(3),
+                 hide_index=True)
+    st.caption("Entropies in bits. mean: how unsure the router is per item (low = confident); "
+               "marginal: how evenly experts are used overall (high = balanced).")
+
+# ----------------------------------------------------------------------------- capacity
+if family == "vmoe":
+    st.header("Capacity: pre- vs post-capacity")
+    st.dataframe(report["drop_summary"].round(4), hide_index=True)
+    drops = report["drops"]
+    d = drops[drops.layer == layer].pivot_table(index="expert", columns="rank", values="drop_rate")
+    st.plotly_chart(R.heatmap_figure(d, title=f"Drop rate per expert and choice rank, block {layer}",
+                                     colorbar="drop rate"), key="drops")
+    if st.toggle("Compare BPR with vanilla (runs the model twice)"):
+        st.dataframe(bpr_comparison(checkpoint_hash(path), len(ds), int(top_k), float(capacity_ratio),
+                                    tuple(sorted(disabled)), path, ds).round(4), hide_index=True)
+else:
+    st.caption("Per-image routing has no capacity: every image runs its chosen experts, nothing is dropped.")
+
+# ----------------------------------------------------------------------------- structure
+if len(layers) > 1:
+    st.header("Layer-to-layer agreement")
+    st.plotly_chart(R.heatmap_figure(report["agreement"], title="P(top-1 of column block | top-1 of row block), "
+                                                                "best expert mapping", colorbar="agreement"),
+                    key="agreement")
+if "router_accuracy" in report:
+    st.header("Router vs super-classes")
+    st.dataframe(report["router_accuracy"].round(4), hide_index=True)
+    st.caption("accuracy: top-1 expert = the image's super-class (expert g is trained on super-class g); "
+               "topk_hit: super-class among the k choices.")
+st.header("Expert specialisation")
+spec = report["specialisation"]
+st.dataframe(spec[spec.layer == layer].round(3), hide_index=True)
+
+# ----------------------------------------------------------------------------- spatial maps
+if family == "vmoe":
+    st.header("Patch → expert maps")
+    n_show = st.slider("Images", 1, 8, 4)
+    start = int(st.number_input("First test image (of the analysed subset)", 0, max(0, len(ds) - n_show), 0))
+    idx = list(range(start, start + n_show))
+    maps, cls_tok = R.spatial_expert_maps(summary, layer, idx)
+    cols = st.columns(min(n_show, 4))
+    for i, (j, grid) in enumerate(zip(idx, maps)):
+        fig = R.spatial_map_figure(ds.images[j], grid, E, class_token_expert=int(cls_tok[i]),
+                                   title=f"#{j} {classes[int(ds.labels[j])]}")
+        fig.update_layout(width=None, height=300, showlegend=False, margin=dict(l=0, r=0, t=40, b=0))
+        cols[i % len(cols)].plotly_chart(fig, key=f"map{j}")
+    st.caption("Uncoloured patches were dropped by capacity in this block (first choice).")
+
+# ----------------------------------------------------------------------------- embeddings
+st.header("Embedding of the router's input")
+c = st.columns(3)
+source = c[0].radio("Points", ["router_input", "features"], horizontal=True,
+                    format_func=lambda s: {"router_input": "router input", "features": "final features"}[s])
+colour_opts = ["expert", "class"] + (["superclass"] if summary.superclasses is not None else []) + ["correct"]
+colour = c[1].radio("Colour by", colour_opts, horizontal=True)
+if c[2].toggle("Compute UMAP", value=len(ds) <= 500,
+               help="UMAP of a few thousand points takes seconds the first time; results are cached on disk."):
+    emb = embedding(checkpoint_hash(path), (len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled))),
+                    source, int(layer), summary)
+    st.plotly_chart(embedding_figure(emb, colour), key="umap")

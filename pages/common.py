@@ -132,6 +132,22 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
 
 
 def checkpoint_hash(path: Path) -> str:
+    """Content key of a checkpoint: sha256 of model.safetensors and of the card's model config.
+
+    Both matter: two checkpoints can hold identical weights with different
+    routing settings (k, capacity ratio, ...). Cached on path + mtime + size.
+    """
+    import hashlib
+    import json
+
+    f = Path(path) / "model.safetensors"
+    stat = f.stat()
+    weights = _file_digest(str(f), stat.st_mtime_ns, stat.st_size)
+    config = json.dumps(load_card(path).get("config"), sort_keys=True)
+    return hashlib.sha256(f"{weights}:{config}".encode()).hexdigest()
+
+
+def weights_hash(path: Path) -> str:
     """sha256 of the checkpoint's model.safetensors (cached on path + mtime + size)."""
     f = Path(path) / "model.safetensors"
     stat = f.stat()
@@ -200,6 +216,7 @@ def checkpoint_picker() -> Optional[Path]:
                                help="Sample checkpoints shipped with the workbench and your training runs.")
     st.session_state[CKPT_KEY] = ref
     st.query_params["ckpt"] = ref
+    _max_images_widget()
     mirror_selections("class", "expert", "layer")
     return resolve_ref(ref)
 
@@ -217,13 +234,19 @@ def forget_on_checkpoint_change(scope: str, *widget_keys: str) -> None:
         st.session_state[marker] = ref
 
 
+def _max_images_widget() -> None:
+    """Sidebar setting: how many test images analyses use (shared by every page)."""
+    if "w_max_images" not in st.session_state:  # widget state is dropped on pages that do not draw it
+        st.session_state["w_max_images"] = st.session_state.get("cfg_max_images", DEFAULT_MAX_IMAGES)
+    value = st.sidebar.number_input(
+        "Test images analysed", min_value=100, max_value=20000, step=500, key="w_max_images",
+        help="Analyses use the first N images of a fixed shuffle of the test split; fewer is faster.")
+    st.session_state["cfg_max_images"] = int(value)
+
+
 def max_images() -> int:
-    """How many test images analyses use (sidebar setting, shared by pages)."""
-    if "cfg_max_images" not in st.session_state:
-        st.session_state["cfg_max_images"] = DEFAULT_MAX_IMAGES
-    return int(st.sidebar.number_input(
-        "Test images analysed", min_value=100, max_value=20000, step=500, key="cfg_max_images",
-        help="Analyses use the first N images of a fixed shuffle of the test split; fewer is faster."))
+    """How many test images analyses use (the sidebar setting drawn by `checkpoint_picker`)."""
+    return int(st.session_state.get("cfg_max_images", DEFAULT_MAX_IMAGES))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -241,7 +264,7 @@ def load_model(path: Path):
     The cached object is shared: never change its routing settings in place;
     use `model_copy` for inference-time knobs.
     """
-    return _load_model(str(path), checkpoint_hash(path))
+    return _load_model(str(path), weights_hash(path))
 
 
 def model_copy(path: Path):
@@ -297,6 +320,14 @@ def load_eval_data(card: dict, quiet: bool = False):
         if not quiet:
             st.warning(f"The test data of **{name}** is not available here, so this view cannot be computed.\n\n{e}")
     return None
+
+
+def dataset_or_none(name: str):
+    """The test split of dataset `name`, or None when it is not available (no message)."""
+    try:
+        return _load_eval_data(name)
+    except (ImportError, ValueError):
+        return None
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -361,12 +392,49 @@ def to_pil(image_chw):
     return Image.fromarray(a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0)))
 
 
+MAX_UPLOAD_BYTES = 512 * 1024   # an uploaded test image is tiny (28x28 or 32x32); refuse anything big
+
+
+def read_uploaded_image(data: bytes, image_shape: Sequence[int]):
+    """Bytes of an uploaded PNG -> (uint8 array (C, H, W) matching `image_shape`, the file's Pillow mode).
+
+    Parsed only with Pillow, after checking the byte size and the header's
+    pixel size (so a decompression bomb is refused before decoding). Grey vs
+    colour is converted to the dataset's channel count; the size must match.
+    Raises ValueError with a message for the user.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = (int(v) for v in image_shape)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"the file is {len(data) / 1024:.0f} KB; images up to {MAX_UPLOAD_BYTES // 1024} KB are accepted")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt, size, mode = probe.format, probe.size, probe.mode
+            if fmt != "PNG":
+                raise ValueError(f"expected a PNG file, got {fmt or 'an unknown format'}")
+            if size != (w, h):
+                raise ValueError(f"the image is {size[0]}×{size[1]} pixels; this dataset's images are {w}×{h}")
+            probe.verify()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            converted = img.convert("L" if c == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"not a readable PNG image ({e})") from None
+    a = np.asarray(converted, dtype=np.uint8)
+    a = a[None] if c == 1 else np.transpose(a, (2, 0, 1))
+    return np.ascontiguousarray(a), mode
+
+
 __all__ = [
     "need", "selection", "set_selection", "linked_selectbox", "mirror_selections",
-    "checkpoint_picker", "available_checkpoints", "checkpoint_hash", "ckpt_ref", "resolve_ref",
-    "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset",
+    "checkpoint_picker", "available_checkpoints", "checkpoint_hash", "weights_hash", "ckpt_ref", "resolve_ref",
+    "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset", "dataset_or_none",
     "max_images",
-    "DEFAULT_MAX_IMAGES", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
+    "DEFAULT_MAX_IMAGES", "read_uploaded_image", "MAX_UPLOAD_BYTES", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
 ]
 
 

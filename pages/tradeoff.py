@@ -1,3 +1,87 @@
+"""Accuracy vs MACs: dense vs per-image vs per-token checkpoints, the Pareto frontier, and routing sweeps."""
+import copy
+
 import streamlit as st
 
-st.info("This page is being built.")
+from analysis.tradeoff import (checkpoint_table, moe_gains, pareto_frontier, sweep_figure, sweep_routing,
+                               tradeoff_figure)
+from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, ckpt_ref, dataset_or_none,
+                          eval_subset, load_model, max_images, need, open_checkpoint)
+
+
+@st.cache_data(show_spinner="Reading checkpoint cards…", max_entries=16)
+def table(keys: tuple, n: int):
+    """keys: (path, content key) per checkpoint; missing numbers are recomputed on n test images."""
+    return checkpoint_table([p for p, _ in keys], data=dataset_or_none, max_images=n)
+
+
+@st.cache_data(show_spinner="Sweeping k and capacity (re-running the model for each setting)…", max_entries=32)
+def sweep(digest: str, n: int, ratios: tuple, _path, _ds):
+    model = copy.deepcopy(load_model(_path))
+    return sweep_routing(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
+                         capacity_ratios=list(ratios) if ratios else None)
+
+
+st.title("Accuracy vs MACs")
+st.caption("MACs = multiply-accumulates per image (the unit papers call FLOPs), counting attention, the router and "
+           "only the experts that run.")
+selected = checkpoint_picker()
+need(selected is not None, "No checkpoints yet.")
+card, path = open_checkpoint(selected)
+items = available_checkpoints()
+df = table(tuple((str(p), checkpoint_hash(p)) for p, _ in items), max_images())
+need(len(df), "No checkpoint could be read.")
+df["where"] = [ckpt_ref(p).split("/")[0] for p in df["path"]]
+
+datasets = sorted(df["dataset"].dropna().unique())
+default = [card.get("dataset")] if card.get("dataset") in datasets else datasets[:1]
+chosen = st.multiselect("Datasets", datasets, default=default,
+                        help="Accuracies are only comparable on the same dataset.")
+view = df[df["dataset"].isin(chosen)].copy()
+need(len(view), "Pick at least one dataset.")
+view["pareto"] = pareto_frontier(view)  # the frontier of what is shown
+c = st.columns(4)
+c[0].metric("Checkpoints", len(view))
+for col, kind in zip(c[1:], ("dense", "per-image", "per-token")):
+    col.metric(kind, int((view["routing"] == kind).sum()))
+paper = st.toggle("Show the Mobile V-MoE paper's published gains (ImageNet-1k, for reference)")
+st.plotly_chart(tradeoff_figure(view, paper_reference_trace=paper), key="tradeoff")
+cols = ["name", "preset", "routing", "dataset", "accuracy", "macs_active", "params_active", "params_total", "pareto",
+        "where", "source"]
+st.dataframe(view[cols].sort_values("macs_active"), hide_index=True,
+             column_config={"accuracy": st.column_config.NumberColumn(format="percent"),
+                            "macs_active": st.column_config.NumberColumn("MACs per image (active)", format="compact"),
+                            "params_active": st.column_config.NumberColumn(format="compact"),
+                            "params_total": st.column_config.NumberColumn(format="compact")})
+gains = moe_gains(view)
+if len(gains):
+    st.subheader("MoE gain over the dense model of the same shape")
+    st.dataframe(gains, hide_index=True,
+                 column_config={"gain": st.column_config.NumberColumn(format="percent"),
+                                "macs_active": st.column_config.NumberColumn(format="compact")})
+
+st.header(f"Inference-time sweep of {path.name}")
+cfg = card["config"]
+need(cfg.get("family") != "vit", "A dense model has no routing to sweep: pick an MoE checkpoint in the sidebar.")
+ratios = ()
+if cfg.get("family") == "vmoe":
+    ratios = tuple(sorted(st.multiselect("Eval capacity ratios", [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0],
+                                         default=[0.5, 1.0, 1.5, 2.0])))
+    need(ratios, "Pick at least one capacity ratio.")
+st.caption("k from 1 to E" + (" × each capacity ratio" if ratios else "") +
+           ", changed at inference time on the trained model (no retraining).")
+c = st.columns(2)
+n_sweep = int(c[0].number_input("Test images per setting", 100, max_images(), min(500, max_images()), step=100,
+                                help="Every setting re-runs the model on these images."))
+run = c[1].toggle("Run the sweep", help="One pass over the images per setting; results are cached.")
+need(run, "Switch on **Run the sweep** to measure accuracy and MACs at every k"
+     + (" and capacity ratio" if ratios else "") + ".")
+ds = eval_subset(card, n_sweep)
+need(ds is not None, "The sweep needs the test images (see the warning above).")
+result = sweep(checkpoint_hash(path), len(ds), ratios, path, ds)
+st.plotly_chart(sweep_figure(result, title=f"{path.name}: accuracy vs active MACs"), key="sweep")
+st.dataframe(result, hide_index=True,
+             column_config={"accuracy": st.column_config.NumberColumn(format="percent"),
+                            "drop_rate": st.column_config.NumberColumn(format="percent"),
+                            "macs_active": st.column_config.NumberColumn(format="compact"),
+                            "macs_dense": st.column_config.NumberColumn(format="compact")})

@@ -91,3 +91,18 @@ def test_dropped_tokens_pass_through_the_residual_unchanged():
     dropped = ~rec.kept[0, :, 0]
     assert dropped.any()
     assert (out[0][dropped] == 0).all()  # block adds nothing: x + 0
+
+
+def test_capacity_rule_matches_a_gshard_one_hot_cumsum_reference():
+    """Vanilla order == GShard's dense formulation: position in buffer = cumsum of one-hot choices."""
+    torch.manual_seed(1)
+    G, S, E, k, cap = 5, 30, 4, 2, 9
+    experts = torch.stack([torch.randperm(E)[:k] for _ in range(G * S)])
+    gates = torch.rand(G * S, k)
+    group = torch.arange(G).repeat_interleave(S)
+    kept = assign_capacity(experts, gates, group, E, torch.full((G,), cap), batch_priority=False)
+    mask = torch.nn.functional.one_hot(experts.view(G, S, k), E)             # (G, S, k, E)
+    choice_major = mask.transpose(1, 2).reshape(G, k * S, E)
+    pos = (choice_major.cumsum(1) - 1).view(G, k, S, E).transpose(1, 2)
+    reference = ((pos < cap) & (mask == 1)).any(-1).view(G * S, k)
+    assert torch.equal(kept, reference)

@@ -1,0 +1,293 @@
+"""Accuracy vs compute: inference-time routing sweeps and a table over checkpoints.
+
+- `sweep_routing`: accuracy and active MACs for every k (1..E) and, for
+  per-token models, every eval capacity ratio — changed with
+  `model.set_routing` on the trained model, no retraining, restored afterwards.
+  MACs come from `workbench.flops.count_macs` with the routing records of the
+  pass, so dropped tokens are not counted.
+- `checkpoint_table`: one row per checkpoint (card `metrics.test_accuracy` and
+  `macs.active`, recomputed when missing), `pareto_frontier`, `moe_gains`
+  (MoE minus the dense model of the same shape), and `tradeoff_figure`.
+- `paper_reference`: the two gains quoted in the Mobile V-MoE abstract
+  (Daxberger et al., arXiv 2309.04354) — the only published numbers used here.
+
+MACs are multiply-accumulates per image, the unit papers call "FLOPs".
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch.nn as nn
+
+from .collect import collect_routing, routing_overrides
+
+__all__ = ["sweep_routing", "sweep_figure", "checkpoint_table", "pareto_frontier", "moe_gains",
+           "paper_reference", "tradeoff_figure", "ROUTING_STYLE"]
+
+ROUTING_STYLE = {  # one colour + marker per routing kind, used by every figure here
+    "dense": ("#636EFA", "circle"),
+    "per-image": ("#EF553B", "diamond"),
+    "per-token": ("#00CC96", "square"),
+}
+
+
+def _input_shape(model: nn.Module) -> tuple:
+    c = model.cfg
+    return (c.in_chans, c.img_size, c.img_size)
+
+
+# =========================================================================== sweeps
+def sweep_routing(model: nn.Module, images, labels, mean: Sequence[float], std: Sequence[float], *,
+                  ks: Optional[Sequence[int]] = None, capacity_ratios: Optional[Sequence[float]] = None,
+                  batch_size: int = 256, bf16: bool = False) -> pd.DataFrame:
+    """Accuracy and active MACs per (k, eval capacity ratio), without retraining.
+
+    ks: default 1..(enabled experts). capacity_ratios: per-token models only
+    (default 0.5, 1, 1.5, 2 and the model's own); per-image models have no
+    capacity (the column is NaN). Columns: k, capacity_ratio, accuracy,
+    macs_active, macs_dense, relative_macs, params_active, drop_rate.
+    """
+    from workbench.flops import count_macs
+
+    cfg = model.cfg
+    if cfg.family == "vit":
+        raise ValueError("a dense model has no routing to sweep")
+    enabled = cfg.num_experts - len(set(cfg.disabled_experts))
+    ks = list(range(1, enabled + 1)) if ks is None else [int(k) for k in ks]
+    if cfg.family == "vmoe":
+        ratios = sorted({0.5, 1.0, 1.5, 2.0, float(cfg.eval_capacity_ratio)}) if capacity_ratios is None \
+            else [float(c) for c in capacity_ratios]
+    else:
+        if capacity_ratios is not None:
+            raise ValueError("per-image models have no capacity: leave capacity_ratios unset")
+        ratios = [None]
+    rows = []
+    for k in ks:
+        for ratio in ratios:
+            with routing_overrides(model, top_k=k, eval_capacity_ratio=ratio):
+                s = collect_routing(model, images, labels, mean, std, batch_size, bf16=bf16)
+                macs = count_macs(model, _input_shape(model), routing=s.to_records())
+            kept = np.concatenate([lr.kept.ravel() for lr in s.layers])
+            rows.append({"k": k, "capacity_ratio": np.nan if ratio is None else ratio, "accuracy": s.accuracy,
+                         "macs_active": macs["active"], "macs_dense": macs["dense"],
+                         "relative_macs": macs["active"] / macs["dense"], "params_active": macs["params_active"],
+                         "drop_rate": float((~kept).mean())})
+    return pd.DataFrame(rows)
+
+
+def sweep_figure(sweep: pd.DataFrame, title: str = "Inference-time routing sweep") -> go.Figure:
+    """Accuracy vs active MACs, one line per capacity ratio, points labelled by k."""
+    fig = go.Figure()
+    groups = sweep.groupby(sweep["capacity_ratio"].fillna(-1), sort=True)
+    for ratio, d in groups:
+        name = "per image (no capacity)" if ratio < 0 else f"C = {ratio:g}"
+        fig.add_scatter(x=d["macs_active"], y=d["accuracy"], mode="lines+markers+text", name=name,
+                        text=[f"k={k}" for k in d["k"]], textposition="top center",
+                        customdata=np.stack([d["k"], d["drop_rate"]], -1),
+                        hovertemplate="k=%{customdata[0]}, drops %{customdata[1]:.1%}<br>"
+                                      "%{x:.3s} MACs, accuracy %{y:.2%}<extra>" + name + "</extra>")
+    fig.update_layout(title=title, xaxis_title="active MACs per image", yaxis_title="accuracy",
+                      yaxis_tickformat=".0%")
+    return fig
+
+
+# =========================================================================== checkpoints
+def _get(d: dict, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d or d[k] is None:
+            return default
+        d = d[k]
+    return d
+
+
+def checkpoint_table(checkpoints: Iterable[Union[str, Path, dict]], *,
+                     data: Union[None, object, Callable[[str], object]] = None, recompute: bool = False,
+                     max_images: Optional[int] = None, batch_size: int = 256) -> pd.DataFrame:
+    """One row per checkpoint: name, preset, family, routing, shape, accuracy, MACs, params, source.
+
+    checkpoints: checkpoint directories, or card dicts (optionally with "path"
+    and "name" keys). Accuracy and MACs come from the card; when missing (or
+    with recompute=True) they are recomputed from the weights: MACs with
+    `count_macs` (per-token models: routing of a real pass when data is given),
+    accuracy on `data` — an ImageDataset, or a function dataset name ->
+    ImageDataset — limited to `max_images`. Without data a missing accuracy
+    stays NaN. `source` says which numbers were recomputed.
+    """
+    from workbench.checkpoint import load_checkpoint, read_card
+    from workbench.flops import count_macs
+
+    rows = []
+    for item in checkpoints:
+        if isinstance(item, dict):
+            card, path = item, item.get("path")
+        else:
+            path = Path(item)
+            card = read_card(path)
+        cfg = card.get("config") or {}
+        family = cfg.get("family", "vit")
+        row = {
+            "name": card.get("name") or (Path(path).name if path else card.get("preset", "?")),
+            "preset": card.get("preset"), "family": family,
+            "routing": {"vit": "dense", "mvmoe": "per-image", "vmoe": "per-token"}.get(family, family),
+            "depth": cfg.get("depth"), "width": cfg.get("width"),
+            "num_experts": cfg.get("num_experts", 0) or 0, "top_k": cfg.get("top_k") if family != "vit" else None,
+            "dataset": card.get("dataset"),
+            "accuracy": _get(card, "metrics", "test_accuracy"),
+            "macs_active": _get(card, "macs", "active"), "macs_dense": _get(card, "macs", "dense"),
+            "params_total": _get(card, "params", "total"), "params_active": _get(card, "params", "active"),
+            "path": str(path) if path else None, "source": "card",
+        }
+        need_macs = recompute or row["macs_active"] is None
+        need_acc = recompute or row["accuracy"] is None
+        if (need_macs or need_acc) and path is not None:
+            model, _ = load_checkpoint(path)
+            ds = data(card.get("dataset")) if callable(data) else data
+            routing, recomputed = None, []
+            if ds is not None and (need_acc or (need_macs and family == "vmoe")):
+                n = len(ds.labels) if max_images is None else min(max_images, len(ds.labels))
+                if need_acc or family == "vmoe":
+                    s = collect_routing(model, ds.images[:n], ds.labels[:n], ds.mean, ds.std, batch_size)
+                    routing = s.to_records()
+                    if need_acc:
+                        row["accuracy"] = s.accuracy
+                        recomputed.append("accuracy")
+            if need_macs:
+                macs = count_macs(model, _input_shape(model), routing=routing)
+                row.update(macs_active=macs["active"], macs_dense=macs["dense"],
+                           params_total=macs["params_total"], params_active=macs["params_active"])
+                recomputed.append("MACs" if routing is not None or family != "vmoe" else "MACs (balanced routing)")
+            if recomputed:
+                row["source"] = "recomputed: " + ", ".join(recomputed)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ("accuracy", "macs_active", "macs_dense"):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    if len(df):
+        df["pareto"] = pareto_frontier(df)
+    return df
+
+
+def pareto_frontier(df: pd.DataFrame, x: str = "macs_active", y: str = "accuracy") -> pd.Series:
+    """True for rows no other row beats: fewer-or-equal MACs and higher-or-equal accuracy, one strictly."""
+    xs, ys = df[x].to_numpy(dtype=float), df[y].to_numpy(dtype=float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    front = np.zeros(len(df), dtype=bool)
+    for i in np.flatnonzero(ok):
+        dominated = ok & (xs <= xs[i]) & (ys >= ys[i]) & ((xs < xs[i]) | (ys > ys[i]))
+        front[i] = not dominated.any()
+    return pd.Series(front, index=df.index, name="pareto")
+
+
+def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
+    """Each MoE checkpoint minus the best dense checkpoint of the same depth x width and dataset.
+
+    Columns: name, dense_name, routing, macs_active, gain (accuracy points as a
+    fraction, MoE - dense).
+    """
+    rows = []
+    dense = df[df["routing"] == "dense"].dropna(subset=["accuracy"])
+    for _, r in df[df["routing"] != "dense"].dropna(subset=["accuracy"]).iterrows():
+        match = dense[(dense["depth"] == r["depth"]) & (dense["width"] == r["width"])
+                      & (dense["dataset"] == r["dataset"])]
+        if match.empty:
+            continue
+        best = match.loc[match["accuracy"].idxmax()]
+        rows.append({"name": r["name"], "dense_name": best["name"], "routing": r["routing"],
+                     "macs_active": r["macs_active"], "gain": r["accuracy"] - best["accuracy"]})
+    return pd.DataFrame(rows, columns=["name", "dense_name", "routing", "macs_active", "gain"])
+
+
+@functools.lru_cache(maxsize=1)
+def _vit_tiny_imagenet_macs() -> float:
+    from workbench.flops import count_macs
+    from workbench.models import create_model
+
+    m = create_model("vit-12x192", num_classes=1000, img_size=224, in_chans=3, patch_size=32)
+    return count_macs(m, (3, 224, 224))["active"]
+
+
+def paper_reference() -> pd.DataFrame:
+    """The Mobile V-MoE abstract's two MoE - dense gains on ImageNet-1k (top-1, points as a fraction).
+
+    - ViT-Tiny: +3.39%. The abstract gives no cost; x is the dense ViT-Tiny at
+      224 px / patch 32 (49 tokens, SPEC §2) counted by `workbench.flops` —
+      our number, not the paper's.
+    - "an even smaller ViT variant with only 54M FLOPs": +4.66%; x = 54e6 as
+      stated (the paper's FLOPs are MACs in the DeiT convention).
+    """
+    return pd.DataFrame([
+        {"label": "ViT-Tiny", "gain": 0.0339, "macs": _vit_tiny_imagenet_macs(),
+         "macs_source": "dense ViT-Tiny at 224px/patch 32, counted by workbench.flops (not in the abstract)",
+         "source": "Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k"},
+        {"label": "smaller ViT, 54M FLOPs", "gain": 0.0466, "macs": 54e6,
+         "macs_source": "54M FLOPs as stated in the abstract",
+         "source": "Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k"},
+    ])
+
+
+def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_reference_trace: bool = False,
+                    title: str = "Accuracy vs active MACs per image") -> go.Figure:
+    """Accuracy vs active MACs (log x), one colour/marker per routing kind, Pareto frontier.
+
+    paper_reference_trace=True adds a lower panel "MoE − dense gain": this
+    table's gains (`moe_gains`) and, clearly labelled, the two gains from the
+    Mobile V-MoE abstract (ImageNet-1k; not comparable in absolute terms).
+    """
+    from plotly.subplots import make_subplots
+
+    gains = moe_gains(df) if len(df) else pd.DataFrame()
+    two = paper_reference_trace or not gains.empty
+    fig = make_subplots(rows=2 if two else 1, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35] if two else None,
+                        vertical_spacing=0.08,
+                        subplot_titles=[title] + (["MoE − dense accuracy gain (same depth × width)"] if two else []))
+    for kind, (color, symbol) in ROUTING_STYLE.items():
+        d = df[df["routing"] == kind] if len(df) else df
+        if d.empty:
+            continue
+        custom = np.stack([d["name"].astype(str), d["preset"].astype(str), d["top_k"].astype(str),
+                           d["params_total"].astype(str), d["params_active"].astype(str), d["source"].astype(str),
+                           d["dataset"].astype(str)], -1)
+        fig.add_scatter(x=d["macs_active"], y=d["accuracy"], mode="markers", name=kind,
+                        marker={"color": color, "symbol": symbol, "size": 11, "line": {"width": 1, "color": "white"}},
+                        customdata=custom, row=1, col=1,
+                        hovertemplate="<b>%{customdata[0]}</b> (%{customdata[1]}, %{customdata[6]})<br>"
+                                      "k=%{customdata[2]}<br>%{x:.3s} MACs/image, accuracy %{y:.2%}<br>"
+                                      "params %{customdata[3]} total, %{customdata[4]} active<br>"
+                                      "%{customdata[5]}<extra>" + kind + "</extra>")
+    if show_frontier and "pareto" in df and df["pareto"].any():
+        f = df[df["pareto"]].sort_values("macs_active")
+        fig.add_scatter(x=f["macs_active"], y=f["accuracy"], mode="lines", name="Pareto frontier",
+                        line={"dash": "dot", "color": "grey"}, hoverinfo="skip", row=1, col=1)
+    if two:
+        for kind in ("per-image", "per-token"):
+            g = gains[gains["routing"] == kind] if not gains.empty else gains
+            if g.empty:
+                continue
+            color, symbol = ROUTING_STYLE[kind]
+            fig.add_scatter(x=g["macs_active"], y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
+                            marker={"color": color, "symbol": symbol, "size": 9}, customdata=g[["name", "dense_name"]],
+                            hovertemplate="%{customdata[0]} − %{customdata[1]}: %{y:+.2f} pp<extra></extra>",
+                            row=2, col=1)
+        if paper_reference_trace:
+            ref = paper_reference()
+            fig.add_scatter(x=ref["macs"], y=ref["gain"] * 100, mode="markers+text", row=2, col=1,
+                            name="paper: MoE − dense gain (ImageNet-1k, from the abstract)",
+                            marker={"symbol": "star", "size": 13, "color": "black"},
+                            text=[f"{lab}: +{g * 100:.2f} pp" for lab, g in zip(ref["label"], ref["gain"])],
+                            textposition="top center", customdata=ref[["macs_source"]],
+                            hovertemplate="Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k<br>"
+                                          "%{text}<br>x: %{customdata[0]}<extra></extra>")
+        fig.add_hline(y=0, line_color="lightgrey", row=2, col=1)
+        fig.update_yaxes(title_text="gain (accuracy points)", row=2, col=1)
+    fig.update_xaxes(type="log", title_text="active MACs per image (log)", row=2 if two else 1, col=1)
+    if two:
+        fig.update_xaxes(type="log", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=1)
+    fig.update_layout(legend={"orientation": "h", "y": -0.15}, height=650 if two else 450)
+    return fig

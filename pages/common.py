@@ -100,7 +100,13 @@ def set_selection(key: str, value: Any) -> None:
 
 def linked_selectbox(label: str, options: Sequence, key: str, default: Any = None,
                      format_func: Callable = str, container=None, **kwargs) -> Any:
-    """A selectbox whose value is the shared selection `key` (linked across pages and the URL)."""
+    """A selectbox whose value is the shared selection `key` (linked across pages and the URL).
+
+    The widget's own state is rewritten from the shared selection on every
+    run (a widget with the same key on another page is a different widget to
+    Streamlit), and a user's change reaches the shared selection through
+    `on_change`, before the page runs.
+    """
     options = list(options)
     if not options:
         return None
@@ -109,10 +115,9 @@ def linked_selectbox(label: str, options: Sequence, key: str, default: Any = Non
     if current not in options:
         current = options[0]
     wkey = f"w_{key}"
-    if st.session_state.get(wkey) not in options or st.session_state.get(f"_last_{key}") != current:
-        st.session_state[wkey] = current
-    value = container.selectbox(label, options, key=wkey, format_func=format_func, **kwargs)
-    st.session_state[f"_last_{key}"] = value
+    st.session_state[wkey] = current
+    value = container.selectbox(label, options, key=wkey, format_func=format_func,
+                                on_change=lambda: set_selection(key, st.session_state[wkey]), **kwargs)
     set_selection(key, value)
     return value
 
@@ -186,7 +191,7 @@ def checkpoint_picker() -> Optional[Path]:
     Returns the selected checkpoint folder, or None (with a helpful message)
     when there is none to choose.
     """
-    items = available_checkpoints()
+    items = [(p, label) for p, label in available_checkpoints() if (p / "card.json").is_file()]  # not deleted since
     if not items:
         st.sidebar.info("No checkpoints found.")
         st.info(
@@ -197,9 +202,7 @@ def checkpoint_picker() -> Optional[Path]:
         return None
     refs = [ckpt_ref(p) for p, _ in items]
     labels = dict(zip(refs, (label for _, label in items)))
-    current = st.session_state.get("w_ckpt")  # the widget's value, when it was rendered on the last run
-    if current not in refs:
-        current = st.session_state.get(CKPT_KEY)
+    current = st.session_state.get(CKPT_KEY)
     if current is None and "ckpt" in st.query_params:
         url_ref = st.query_params["ckpt"]
         url_path = resolve_ref(url_ref)
@@ -211,8 +214,13 @@ def checkpoint_picker() -> Optional[Path]:
         if current is not None:
             st.sidebar.warning(f"Checkpoint `{current}` is gone (deleted or renamed); showing another one.")
         current = refs[0]
-    st.session_state["w_ckpt"] = current
+    st.session_state["w_ckpt"] = current  # see linked_selectbox: the shared choice drives the widget
+
+    def changed():
+        st.session_state[CKPT_KEY] = st.session_state["w_ckpt"]
+
     ref = st.sidebar.selectbox("Checkpoint", refs, key="w_ckpt", format_func=lambda r: labels.get(r, r),
+                               on_change=changed,
                                help="Sample checkpoints shipped with the workbench and your training runs.")
     st.session_state[CKPT_KEY] = ref
     st.query_params["ckpt"] = ref
@@ -236,12 +244,14 @@ def forget_on_checkpoint_change(scope: str, *widget_keys: str) -> None:
 
 def _max_images_widget() -> None:
     """Sidebar setting: how many test images analyses use (shared by every page)."""
-    if "w_max_images" not in st.session_state:  # widget state is dropped on pages that do not draw it
-        st.session_state["w_max_images"] = st.session_state.get("cfg_max_images", DEFAULT_MAX_IMAGES)
-    value = st.sidebar.number_input(
-        "Test images analysed", min_value=100, max_value=20000, step=500, key="w_max_images",
+    st.session_state["w_max_images"] = max_images()  # the shared value drives the widget on every page
+
+    def changed():
+        st.session_state["cfg_max_images"] = int(st.session_state["w_max_images"])
+
+    st.sidebar.number_input(
+        "Test images analysed", min_value=100, max_value=20000, step=500, key="w_max_images", on_change=changed,
         help="Analyses use the first N images of a fixed shuffle of the test split; fewer is faster.")
-    st.session_state["cfg_max_images"] = int(value)
 
 
 def max_images() -> int:

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import routing as R
+from analysis.ablation import expert_ablation, impact_figure, impact_matrix
 from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_figure, embedding_frame
 from pages.common import (checkpoint_hash, checkpoint_picker, eval_subset, linked_selectbox, load_model, need,
@@ -35,6 +36,14 @@ def bpr_comparison(digest: str, n: int, top_k: int, capacity_ratio: float, disab
     with routing_overrides(model, top_k=top_k, disabled_experts=list(disabled)):
         return R.compare_batch_priority(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
                                         eval_capacity_ratio=capacity_ratio)
+
+
+@st.cache_data(show_spinner="Disabling each expert in turn…", max_entries=16)
+def ablation(digest: str, n: int, top_k: int, capacity_ratio, bpr, disabled: tuple, _path, _ds, _classes):
+    model = copy.deepcopy(load_model(_path))
+    with routing_overrides(model, top_k=top_k, eval_capacity_ratio=capacity_ratio, batch_priority=bpr,
+                           disabled_experts=list(disabled)):
+        return expert_ablation(model, _ds.images, _ds.labels, _ds.mean, _ds.std, classes=_classes)
 
 
 @st.cache_data(show_spinner="Computing the 2-D embedding (UMAP)…", max_entries=16)
@@ -158,6 +167,18 @@ if "router_accuracy" in report:
 st.header("Expert specialisation")
 spec = report["specialisation"]
 st.dataframe(spec[spec.layer == layer].round(3), hide_index=True)
+
+st.header("Expert ablation")
+enabled_left = E - len(disabled)
+if enabled_left - 1 < top_k:
+    st.caption(f"Disabling one more expert would leave fewer than k = {top_k} experts.")
+elif st.toggle("Disable each expert in turn (one pass per expert)",
+               help="Per-class accuracy change when an expert is switched off; the router renormalises."):
+    abl = ablation(checkpoint_hash(path), len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled)), path, ds,
+                   classes)
+    st.plotly_chart(impact_figure(impact_matrix(abl)), key="ablation")
+    overall = abl[abl["class"] == "all"][["expert", "base_accuracy", "ablated_accuracy", "delta", "changed"]]
+    st.dataframe(overall.round(4), hide_index=True)
 
 # ----------------------------------------------------------------------------- spatial maps
 if family == "vmoe":

@@ -1,0 +1,315 @@
+"""The Streamlit app, driven headless with streamlit.testing.v1.AppTest.
+
+Every page renders without an exception for every checkpoint family (tiny
+checkpoints built here on the synthetic dataset, and the shipped samples when
+there are any); widgets change what is shown; missing inputs give a message,
+not a traceback. Charts are opaque to AppTest, so the checks read tables,
+metrics and text.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+streamlit = pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "workbench" / "app.py")
+PAGES = ["overview", "confusion_graph", "superclasses", "routing", "inspector", "tradeoff", "learn"]
+FAMILIES = {  # preset -> overrides; tiny so that the whole file stays fast
+    "vit-2x32": {},
+    "mvmoe-2x32-e4k1": {"superclasses": True},
+    "vmoe-4x32-e4k2": {},
+}
+MAX_IMAGES = 200  # test images the analyses use (the sidebar setting)
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _make_checkpoint(out: Path, preset: str, ds, superclasses=None, dataset_name: str = "synthetic"):
+    import torch
+
+    from analysis.confusion import model_confusion
+    from analysis.superclasses import group_names
+    from workbench.checkpoint import save_checkpoint
+    from workbench.flops import count_macs
+    from workbench.models import create_model
+
+    torch.manual_seed(0)
+    c, h, _ = ds.image_shape
+    overrides = {"superclasses": list(superclasses)} if superclasses is not None else {}
+    model = create_model(preset, num_classes=ds.num_classes, img_size=h, in_chans=c, patch_size=4, **overrides).eval()
+    sub = ds.subset(range(min(300, len(ds))))
+    cm = model_confusion(model, sub)
+    macs = count_macs(model, ds.image_shape)
+    card = {
+        "preset": preset, "dataset": dataset_name, "classes": list(ds.classes),
+        "superclasses": None if superclasses is None else {
+            "assignment": list(superclasses), "names": group_names(superclasses, ds.classes), "method": "spectral"},
+        "metrics": {"test_accuracy": float(np.trace(cm) / cm.sum())}, "macs": macs,
+        "params": {"total": macs["params_total"], "active": macs["params_active"]},
+        "confusion": {"split": "test", "matrix": cm.tolist()},
+        "history": [{"epoch": 1, "train_loss": 2.0, "test_accuracy": float(np.trace(cm) / cm.sum())}],
+    }
+    save_checkpoint(out / preset, model, card)
+    return out / preset
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    from workbench.data import load_dataset
+
+    return load_dataset("synthetic", "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_samples(tmp_path_factory, synthetic):
+    """One tiny checkpoint per family on the synthetic dataset (the mvmoe one with super-classes)."""
+    from analysis.superclasses import cluster_superclasses
+
+    out = tmp_path_factory.mktemp("samples")
+    dense = _make_checkpoint(out, "vit-2x32", synthetic)
+    cm = json.loads((dense / "card.json").read_text())["confusion"]["matrix"]
+    groups = cluster_superclasses(np.asarray(cm), 4, method="spectral").tolist()
+    _make_checkpoint(out, "mvmoe-2x32-e4k1", synthetic, superclasses=groups)
+    _make_checkpoint(out, "vmoe-4x32-e4k2", synthetic)
+    return out
+
+
+@pytest.fixture
+def app_env(monkeypatch, tmp_path, tiny_samples):
+    """Point the app at the tiny samples, an empty runs folder and a private cache."""
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tiny_samples))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    return tiny_samples
+
+
+def _refs(root: Path) -> list[str]:
+    from workbench.checkpoint import list_checkpoints
+
+    return [f"samples/{p.relative_to(root).as_posix()}" for p in list_checkpoints(root)]
+
+
+def _app(page: str = "overview", ckpt: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["cfg_max_images"] = MAX_IMAGES
+    if ckpt is not None:
+        at.query_params["ckpt"] = ckpt
+    at.run()
+    if page != "overview":
+        at.switch_page(f"../pages/{page}.py").run()
+    return at
+
+
+def _select(at: AppTest, ref: str) -> AppTest:
+    at.sidebar.selectbox(key="w_ckpt").set_value(ref).run()
+    return at
+
+
+def _no_exception(at: AppTest, where: str) -> None:
+    assert not at.exception, f"{where}: {[e.value for e in at.exception]}"
+    assert not at.error, f"{where}: {[e.value for e in at.error]}"
+
+
+def _table_with(at: AppTest, column: str):
+    """The first table shown that has `column`."""
+    for df in at.dataframe:
+        if column in df.value.columns:
+            return df.value
+    raise AssertionError(f"no table with a {column!r} column")
+
+
+def _texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [m.value for m in at.info] + [m.value for m in at.warning]
+    parts += [m.value for m in at.caption]
+    return "\n".join(str(p) for p in parts)
+
+
+# ----------------------------------------------------------------------------- every page, every family
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_for_every_family(app_env, page):
+    at = _app(page)
+    refs = _refs(app_env)
+    assert len(refs) == len(FAMILIES)
+    for ref in refs:
+        _select(at, ref)
+        _no_exception(at, f"{page} on {ref}")
+        assert at.session_state["sel_ckpt"] == ref
+        assert at.query_params["ckpt"] == [ref] or at.query_params["ckpt"] == ref
+
+
+def _shipped() -> list[str]:
+    root = ROOT / "sample_checkpoints"
+    return _refs(root) if root.is_dir() else []
+
+
+@pytest.mark.skipif(not _shipped(), reason="no shipped sample checkpoints yet")
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_for_the_shipped_samples(monkeypatch, tmp_path, page):
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(ROOT / "sample_checkpoints"))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    at = _app(page)
+    for ref in _shipped():
+        _select(at, ref)
+        _no_exception(at, f"{page} on {ref}")
+
+
+# ----------------------------------------------------------------------------- what the pages show
+def test_overview_shows_the_card(app_env):
+    at = _select(_app("overview"), "samples/mvmoe-2x32-e4k1")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Family"] == "mvmoe"
+    assert metrics["Experts E / k"] == "4 / 1"
+    assert "MACs per image (active)" in metrics
+    groups = at.dataframe[0].value
+    assert len(groups) == 4 and list(groups["super-class"]) == [0, 1, 2, 3]
+
+
+def test_e_slider_changes_the_number_of_groups(app_env):
+    at = _select(_app("superclasses"), "samples/vit-2x32")
+    for e in (2, 3, 5):
+        at.slider(key="w_num_groups").set_value(e).run()
+        _no_exception(at, f"E={e}")
+        table = at.dataframe[0].value
+        assert len(table) == e
+        assert sorted(table["group"]) == list(range(e))
+        assert at.session_state["superclass_map"]["num_groups"] == e  # offered to the Train page
+
+
+def test_superclass_map_is_offered_for_download_and_training(app_env):
+    at = _select(_app("superclasses"), "samples/vit-2x32")
+    mapping = at.session_state["superclass_map"]
+    assert set(mapping) >= {"dataset", "method", "num_groups", "classes", "groups"}
+    assert mapping["dataset"] == "synthetic"
+    assert len(at.get("download_button")) == 1
+
+
+def test_disabling_an_expert_changes_the_routing_table(app_env):
+    at = _select(_app("routing"), "samples/mvmoe-2x32-e4k1")
+    before = at.dataframe[0].value.copy()
+    used = int(before.sum(axis=0).to_numpy().argmax())  # disable the busiest expert: its column must empty
+    at.multiselect(key="w_disabled").set_value([used]).run()
+    _no_exception(at, "disabled expert")
+    after = at.dataframe[0].value
+    assert not before.equals(after)
+    assert after[used].sum() == 0
+
+
+def test_routing_knobs_recompute_for_per_token_models(app_env):
+    at = _select(_app("routing"), "samples/vmoe-4x32-e4k2")
+    drops = lambda: _table_with(at, "items_dropped")  # noqa: E731  (the pre/post-capacity summary)
+    at.slider(key="w_capacity").set_value(4.0).run()
+    loose = drops()["dropped"].sum()
+    at.slider(key="w_capacity").set_value(0.25).run()
+    _no_exception(at, "tight capacity")
+    assert drops()["dropped"].sum() > loose
+
+
+def test_linked_class_selection_is_shared_across_pages_and_the_url(app_env):
+    at = _select(_app("confusion_graph"), "samples/vit-2x32")
+    at.sidebar.selectbox(key="w_class").set_value(3).run()
+    assert at.query_params["class"] in ("3", ["3"])
+    at.switch_page("../pages/routing.py").run()
+    at = _select(at, "samples/mvmoe-2x32-e4k1")
+    assert at.selectbox(key="w_class").value == 3
+
+
+def test_a_shared_url_opens_the_same_checkpoint(app_env):
+    at = _app("overview", ckpt="samples/vmoe-4x32-e4k2")
+    _no_exception(at, "url")
+    assert {m.label: m.value for m in at.metric}["Family"] == "vmoe"
+
+
+def test_a_url_outside_the_checkpoint_folders_is_refused(app_env):
+    at = _app("overview", ckpt="samples/../../etc")
+    _no_exception(at, "bad url")
+    assert any("not available" in w.value for w in at.sidebar.warning)
+    assert at.session_state["sel_ckpt"] in _refs(app_env)
+
+
+# ----------------------------------------------------------------------------- missing inputs
+def test_dense_model_on_routing_page_says_why(app_env):
+    at = _select(_app("routing"), "samples/vit-2x32")
+    _no_exception(at, "dense routing")
+    assert any("dense model" in i.value for i in at.info)
+
+
+def test_no_checkpoints_shows_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tmp_path / "empty"))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    for page in PAGES:
+        at = _app(page)
+        _no_exception(at, f"{page} without checkpoints")
+        assert any("No checkpoints" in i.value for i in at.info)
+
+
+def test_a_deleted_run_folder_gives_a_message(monkeypatch, tmp_path, tiny_samples):
+    runs = tmp_path / "runs"
+    for name in ("first", "second"):
+        shutil.copytree(tiny_samples / "vit-2x32", runs / name)
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tmp_path / "no-samples"))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(runs))
+    at = _select(_app("overview"), "runs/second")
+    _no_exception(at, "run")
+    shutil.rmtree(runs / "second")
+    at.run()
+    _no_exception(at, "deleted run")
+    assert any("is gone" in w.value for w in at.sidebar.warning)
+    assert at.session_state["sel_ckpt"] == "runs/first"
+    shutil.rmtree(runs / "first")
+    at.run()
+    _no_exception(at, "every run deleted")
+    assert any("No checkpoints" in i.value for i in at.info)
+
+
+def test_a_dataset_that_is_not_available_gives_a_warning(monkeypatch, tmp_path, synthetic):
+    root = tmp_path / "samples"
+    path = _make_checkpoint(root, "mvmoe-2x32-e4k1", synthetic)
+    card = json.loads((path / "card.json").read_text())
+    card["dataset"] = "imagefolder:" + str(tmp_path / "nowhere")
+    (path / "card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(root))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    for page in ("routing", "inspector", "superclasses", "overview", "confusion_graph"):
+        at = _app(page)
+        _no_exception(at, f"{page} without data")
+    at = _app("routing")
+    assert any("not available" in w.value for w in at.warning)
+
+
+# ----------------------------------------------------------------------------- uploads
+def _png(size, mode="L") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_upload_accepts_a_png_of_the_dataset_size():
+    from pages.common import read_uploaded_image
+
+    image, mode = read_uploaded_image(_png((28, 28)), (1, 28, 28))
+    assert image.shape == (1, 28, 28) and image.dtype == np.uint8 and mode == "L"
+    rgb, _ = read_uploaded_image(_png((32, 32), "RGB"), (3, 32, 32))
+    assert rgb.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("data, why", [
+    (_png((64, 64)), "pixels"),
+    (b"GIF89a not an image", "PNG"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "PNG"),
+    (b"\x00" * (600 * 1024), "KB"),
+])
+def test_upload_refuses_wrong_files(data, why):
+    from pages.common import read_uploaded_image
+
+    with pytest.raises(ValueError, match=why):
+        read_uploaded_image(data, (1, 28, 28))

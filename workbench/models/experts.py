@@ -9,6 +9,8 @@ not chosen, and there is no tokens x E x capacity one-hot tensor.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,25 +34,32 @@ class Experts(nn.Module):
         h = F.gelu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-        """Sum over assignments of weight * expert(x[row]).
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sum over each item's kept choices c of weights[:, c] * expert_c(x[item]).
 
-        x: (N, ...) rows (tokens (N, D) or whole images (N, T, D));
-        rows, experts, weights: (A,) one entry per kept assignment.
-        Rows with no assignment come back as zeros (the residual carries them).
+        x: (N, ...) items (tokens (N, D) or whole images (N, T, D));
+        experts, weights, kept: (N, k) choices, combine weights, and which
+        choices survived capacity (None: all). Items with no kept choice come
+        back as zeros, so the residual carries them unchanged.
         """
-        order = torch.argsort(experts, stable=True)
-        rows, weights = rows[order], weights[order]
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            r = rows[start:start + n]
-            w = weights[start:start + n].view(-1, *([1] * (x.dim() - 1)))
-            y = self.expert(e, x.index_select(0, r)) * w
-            out.index_add_(0, r, y.to(out.dtype))
-            start += n
-        return out
+        N, k = experts.shape
+        assignment = torch.arange(N * k, device=x.device)              # item * k + choice
+        if kept is not None:
+            assignment = assignment[kept.reshape(-1)]
+        chosen = experts.reshape(-1)[assignment]
+        order = torch.argsort(chosen, stable=True)
+        assignment = assignment[order]
+        counts = torch.bincount(chosen, minlength=self.num_experts).tolist()
+        # gather every routed item once, then run each expert on its contiguous slice
+        routed = x.index_select(0, assignment // k)
+        outputs = [self.expert(e, part) for e, part in enumerate(routed.split(counts)) if part.shape[0]]
+        y = torch.cat(outputs) if outputs else routed
+        y = y.to(x.dtype) * weights.reshape(-1)[assignment].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        # NOTE: write into a (N * k) buffer and sum over k instead of index_add_:
+        # each slot is written once, which avoids CPU scatter-add (2x faster in an
+        # interleaved A/B at 256 x 50 tokens, E=8, k=2 on this 2-core CPU).
+        buffer = x.new_zeros((N * k, *x.shape[1:]))
+        buffer[assignment] = y
+        buffer = buffer.view(N, k, *x.shape[1:])
+        return buffer[:, 0] if k == 1 else buffer.sum(1)

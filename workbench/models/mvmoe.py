@@ -53,9 +53,7 @@ class ImageMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D); experts, gates: (B, k). Groups whole images by expert."""
-        B, k = experts.shape
-        rows = torch.arange(B, device=x.device).repeat_interleave(k)
-        return self.experts(x, rows, experts.reshape(-1), gates.reshape(-1))
+        return self.experts(x, experts, gates)
 
 
 class MobileVMoE(VisionTransformer):

@@ -45,8 +45,7 @@ class TokenMoE(nn.Module):
         # same rule as config.capacity, vectorised over groups (the last one may be smaller)
         group_cap = (k * ratio * torch.bincount(group).double() / E).ceil().clamp(min=1).long()
         kept = assign_capacity(r["experts"], r["gates"], group, E, group_cap, self.batch_priority)
-        rows = torch.arange(B * T, device=x.device)[:, None].expand(-1, k)[kept]
-        out = self.experts(flat, rows, r["experts"][kept], r["gates"][kept])
+        out = self.experts(flat, r["experts"], r["gates"], kept)
         record = RoutingRecord(
             layer=self.layer, kind="token",
             logits=r["logits"].view(B, T, E), probs=r["probs"].view(B, T, E),

@@ -278,6 +278,21 @@ def save_train_state(directory: PathLike, model: nn.Module, optimizer: torch.opt
     atomic_write_bytes(Path(directory) / TRAIN_STATE, _tensor_bytes(tensors, meta))
 
 
+def read_train_info(directory: PathLike) -> dict:
+    """The `info` saved with the training state (step, options, ...), without reading the tensors."""
+    from safetensors import safe_open
+
+    path = Path(directory) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["info"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable training state (truncated or corrupt?): {e}") from None
+
+
 def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
     """Restore model (and optimizer) from `train_state.safetensors`; returns the saved `info`."""
     path = Path(directory) / TRAIN_STATE
@@ -315,5 +330,5 @@ def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[
 
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints",
-           "save_train_state", "load_train_state", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+           "save_train_state", "load_train_state", "read_train_info", "atomic_write_bytes", "atomic_write_json", "sha256_file",
            "CARD_KEYS", "WEIGHTS", "CARD", "TRAIN_STATE"]

@@ -9,6 +9,7 @@ every view is linked to the others and can be shared as a URL.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -23,10 +24,21 @@ from workbench import paths
 from workbench.checkpoint import CheckpointError, list_checkpoints, read_card, sha256_file
 
 CKPT_KEY = "sel_ckpt"            # session_state key of the selected checkpoint ("samples/<rel>" | "runs/<rel>")
-DEFAULT_MAX_IMAGES = 2000        # test images analysed per page (configurable in the sidebar)
+DEFAULT_MAX_IMAGES = 1000        # test images analysed per page (configurable in the sidebar)
 
 
 # ----------------------------------------------------------------------------- small helpers
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!:|~$<>])")
+
+
+def md(text: Any) -> str:
+    """`text` escaped for st.markdown / labels: class names such as "rings:small" or "T-shirt/top" stay literal.
+
+    (Streamlit reads ":name[...]" and ":shortcode:" as directives.)
+    """
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
 def need(condition: Any, message: str) -> None:
     """Show `message` as an info box and stop the page when `condition` is falsy."""
     if not condition:
@@ -172,11 +184,18 @@ def _available(samples: str, runs: str) -> list[tuple[str, str]]:
     return out
 
 
+def refresh_checkpoints() -> None:
+    """Forget the cached checkpoint list (e.g. when a training run just finished)."""
+    _available.clear()
+
+
 def card_label(path: Path, card: dict) -> str:
     acc = (card.get("metrics") or {}).get("test_accuracy")
     acc_txt = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "n/a"
     where = "run" if ckpt_ref(path).startswith("runs/") else "sample"
-    return f"{Path(path).name} · {card.get('preset')} · {card.get('dataset')} · {acc_txt} ({where})"
+    name, preset = Path(path).name, str(card.get("preset"))
+    head = name if name == preset else f"{name} ({preset})"
+    return f"{head} · {card.get('dataset')} · {acc_txt} · {where}"
 
 
 def available_checkpoints() -> list[tuple[Path, str]]:
@@ -319,16 +338,39 @@ def _load_eval_data(dataset: str):
 
 
 def load_eval_data(card: dict, quiet: bool = False):
-    """The test split of the card's dataset (an `ImageDataset`), or None with a warning when unavailable."""
+    """The test split of the card's dataset (an `ImageDataset`), or None with a warning when unavailable.
+
+    Also None (with a warning) when the data does not fit the checkpoint: other
+    classes or another image shape than the model was trained on.
+    """
     name = card.get("dataset")
     try:
-        return _load_eval_data(name)
+        ds = _load_eval_data(name)
     except ImportError as e:
         if not quiet:
             st.warning(f"The data module is not available: {e}")
+        return None
     except ValueError as e:  # DatasetError is a ValueError; it says where it looked and how to get the data
         if not quiet:
             st.warning(f"The test data of **{name}** is not available here, so this view cannot be computed.\n\n{e}")
+        return None
+    problem = data_mismatch(card, ds)
+    if problem:
+        if not quiet:
+            st.warning(f"The test data of **{name}** found here does not match this checkpoint: {problem}")
+        return None
+    return ds
+
+
+def data_mismatch(card: dict, ds) -> Optional[str]:
+    """Why `ds` cannot evaluate the checkpoint of `card` (None when it can)."""
+    cfg = card.get("config") or {}
+    classes = [str(c) for c in card.get("classes") or []]
+    if classes and [str(c) for c in ds.classes] != classes:
+        return f"it has {ds.num_classes} classes ({', '.join(map(str, ds.classes[:4]))}, …), the model {len(classes)}."
+    shape = (cfg.get("in_chans"), cfg.get("img_size"), cfg.get("img_size"))
+    if None not in shape and tuple(ds.image_shape) != shape:
+        return f"its images are {tuple(ds.image_shape)} (C, H, W), the model expects {shape}."
     return None
 
 
@@ -440,8 +482,8 @@ def read_uploaded_image(data: bytes, image_shape: Sequence[int]):
 
 
 __all__ = [
-    "need", "selection", "set_selection", "linked_selectbox", "mirror_selections",
-    "checkpoint_picker", "available_checkpoints", "checkpoint_hash", "weights_hash", "ckpt_ref", "resolve_ref",
+    "md", "need", "selection", "set_selection", "linked_selectbox", "mirror_selections",
+    "checkpoint_picker", "available_checkpoints", "refresh_checkpoints", "checkpoint_hash", "weights_hash", "ckpt_ref", "resolve_ref",
     "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset", "dataset_or_none",
     "max_images",
     "DEFAULT_MAX_IMAGES", "read_uploaded_image", "MAX_UPLOAD_BYTES", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",

@@ -8,7 +8,7 @@ import streamlit as st
 
 from analysis.confusion import normalize_rows, per_class_accuracy
 from analysis.superclasses import confusion_graph, order_by_groups
-from pages.common import (checkpoint_picker, confusion_picker, group_sources, linked_selectbox, load_eval_data,
+from pages.common import (checkpoint_picker, confusion_picker, group_sources, linked_selectbox, load_eval_data, md,
                           need, open_checkpoint)
 
 PALETTE = px.colors.qualitative.Plotly + px.colors.qualitative.Set3 + px.colors.qualitative.Dark24
@@ -91,7 +91,7 @@ c = st.columns(4)
 c[0].metric("Classes", len(classes))
 c[1].metric("Edges shown", g.number_of_edges())
 c[2].metric("Images in matrix", int(cm.sum()))
-c[3].metric(f"Accuracy of {classes[selected]}", f"{acc[selected]:.1%}" if acc[selected] == acc[selected] else "n/a")
+c[3].metric(f"Accuracy of {md(classes[selected])}", f"{acc[selected]:.1%}" if acc[selected] == acc[selected] else "n/a")
 
 left, right = st.columns([1.1, 1])
 with left:
@@ -109,7 +109,7 @@ with right:
     st.caption("Rows and columns are sorted by super-class, so well-chosen groups show as blocks on the diagonal."
                if groups is not None else "Pick a super-class colouring to sort the matrix into blocks.")
 
-st.subheader(f"Most confused with {classes[selected]}")
+st.subheader(f"Most confused with {md(classes[selected])}")
 nbrs = sorted(((j, d["weight"], d["count"]) for j, d in confusion_graph(cm, classes)[selected].items()),
               key=lambda t: -t[1])[:8]
 if nbrs:
@@ -117,4 +117,4 @@ if nbrs:
                                 "same super-class": (groups[j] == groups[selected]) if groups is not None else None}
                                for j, w, n in nbrs]), hide_index=True)
 else:
-    st.info(f"{classes[selected]} is never confused with another class in this matrix.")
+    st.info(f"{md(classes[selected])} is never confused with another class in this matrix.")

@@ -60,9 +60,10 @@ shape = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
 
 ds = load_eval_data(card)
 sources = (["Test image"] if ds is not None else []) + ["Upload a PNG"]
-source = st.radio("Image", sources, horizontal=True)
+top_row = st.columns([1, 1, 2])
+source = top_row[0].radio("Image", sources, horizontal=True)
 if source == "Test image":
-    index = int(st.number_input(f"Test image index (0–{len(ds) - 1})", 0, len(ds) - 1,
+    index = int(top_row[1].number_input(f"Test image index (0–{len(ds) - 1})", 0, len(ds) - 1,
                                 min(int(selection("image", 0)), len(ds) - 1), step=1))
     set_selection("image", index)
     image, label = np.asarray(ds.images[index]), int(ds.labels[index])
@@ -105,7 +106,7 @@ layer = None
 if family != "vit":
     st.subheader("Routing")
     layers = list(res["layers"])
-    layer = linked_selectbox("MoE block", layers, key="layer")
+    layer = linked_selectbox("MoE block", layers, key="layer", container=st.columns([1, 3])[0])
     r = res["layers"][layer]
     E = len(r["per_expert"])
     if r["kind"] == "image":
@@ -141,7 +142,7 @@ if family != "vit":
         int(np.argmax(res["layers"][layer]["per_expert"]))
     expert = c[2].selectbox("Router decision for expert", enabled, index=enabled.index(default_expert),
                             format_func=lambda e: f"expert {e}")
-n_steps = c[3].slider("IG steps", 8, 64, 32, 8, disabled=method != "ig")
+n_steps = c[3].slider("IG steps", 8, 64, 16, 8, disabled=method != "ig")
 with st.spinner("Computing attributions…"):
     attr = attributions(digest, image_key, method, int(target), expert, layer, int(n_steps), path, image, mean, std)
 cols = st.columns(2)

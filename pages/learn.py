@@ -6,7 +6,7 @@ import torch
 from analysis.collect import collect_routing, routing_overrides
 from analysis.routing import drop_summary, spatial_expert_maps, spatial_map_figure
 from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, load_card,
-                          load_eval_data, load_model, need, open_checkpoint)
+                          load_eval_data, load_model, md, need, open_checkpoint)
 
 st.title("Learn MoE")
 st.markdown("""
@@ -35,9 +35,9 @@ st.header("Capacity, token dropping and Batch Priority Routing")
 st.markdown("""
 With per-token routing an expert could be chosen by far more tokens than others. To keep compute fixed,
 every expert gets a **buffer of fixed size** — its *capacity*:
-
-> capacity = ⌈ k · C · (tokens in the group) / E ⌉
-
+""")
+st.latex(r"\text{capacity} = \left\lceil \frac{k \cdot C \cdot \text{tokens in the group}}{E} \right\rceil")
+st.markdown("""
 where **C** is the *capacity ratio*. C = 1 means room for exactly a fair share. Tokens that arrive at a full
 expert are **dropped** for that expert: they skip the layer through the residual connection.
 
@@ -114,7 +114,7 @@ results = {}
 for name, bpr in (("Vanilla (position order)", False), ("BPR (confidence order)", True)):
     results[name] = route_one(digest, index, float(capacity_ratio), bpr, int(top_k), int(layer), model, ds)
 first = next(iter(results.values()))
-st.markdown(f"Image **{index}** ({ds.classes[int(ds.labels[index])]}): {first['tokens']} tokens, "
+st.markdown(f"Image **{index}** ({md(ds.classes[int(ds.labels[index])])}): {first['tokens']} tokens, "
             f"{model.cfg.num_experts} experts, k = {top_k}, C = {capacity_ratio:.2f} → "
             f"**capacity {first['capacity']} tokens per expert**.")
 cols = st.columns(2)
@@ -145,7 +145,7 @@ if card is not None and sc and sc.get("assignment"):
     rows = [{"expert / super-class": g, "name": names[g] if g < len(names) else "",
              "classes": ", ".join(str(classes[i]) for i, a in enumerate(sc["assignment"]) if a == g)}
             for g in range(max(sc["assignment"]) + 1)]
-    st.markdown(f"The selected checkpoint **{selected.name}** routes with these groups "
+    st.markdown(f"The selected checkpoint **{md(selected.name)}** routes with these groups "
                 f"(found by *{sc.get('method', 'clustering')}*):")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     st.caption("See them on the **Confusion graph** page, recompute them on **Super-classes**, and check what the "

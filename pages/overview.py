@@ -15,12 +15,13 @@ FAMILY_TEXT = {
 COLORS = {"dense": "#9fb3c8", "moe": "#e4873b", "io": "#d9d9d9", "router": "#3b6fb6"}
 
 
-def _fmt(n) -> str:
+def _fmt(n, digits: int = 4) -> str:
+    """1234567 -> "1.235M" (`digits` significant digits)."""
     if not isinstance(n, (int, float)):
         return "n/a"
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
+            return f"{n / div:.{digits}g}{unit}"
     return f"{n:.0f}"
 
 
@@ -33,7 +34,7 @@ def block_diagram(cfg: dict, moe_blocks: list[int]) -> go.Figure:
         for i in range(depth)] + [("Head", "io")]
     for x, (text, kind) in enumerate(items):
         fig.add_shape(type="rect", x0=x - 0.42, x1=x + 0.42, y0=0, y1=1, fillcolor=COLORS[kind],
-                      line=dict(color="#555", width=1))
+                      line=dict(color="#555", width=1), layer="below")
         fig.add_annotation(x=x, y=0.5, text=text, showarrow=False, font=dict(size=11))
         if x:
             fig.add_annotation(x=x - 0.42, y=0.5, ax=x - 0.58, ay=0.5, xref="x", yref="y", axref="x", ayref="y",
@@ -87,7 +88,8 @@ c[1].metric("MACs per image (dense equivalent)", _fmt(dense),
             delta=f"{100 * (active / dense - 1):+.1f}% active vs dense" if active and dense else None,
             delta_color="off", help="The same-shape dense ViT.")
 c[2].metric("Parameters active / total",
-            f"{_fmt(params.get('active', macs.get('params_active')))} / {_fmt(params.get('total', macs.get('params_total')))}")
+            f"{_fmt(params.get('active', macs.get('params_active')), 3)} / "
+            f"{_fmt(params.get('total', macs.get('params_total')), 3)}")
 c[3].metric("Dataset", str(card.get("dataset")))
 
 st.subheader("Architecture")

@@ -9,7 +9,7 @@ from analysis import routing as R
 from analysis.ablation import expert_ablation, impact_figure, impact_matrix
 from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_figure, embedding_frame
-from pages.common import (checkpoint_hash, checkpoint_picker, eval_subset, linked_selectbox, load_model, need,
+from pages.common import (checkpoint_hash, checkpoint_picker, eval_subset, linked_selectbox, load_model, md, need,
                           open_checkpoint, forget_on_checkpoint_change)
 
 
@@ -77,7 +77,8 @@ with st.sidebar.expander("Inference-time routing", expanded=True):
         st.caption("k = 1 (only one expert left enabled)")
     capacity_ratio = bpr = None
     if family == "vmoe":
-        capacity_ratio = st.slider("Capacity ratio C (eval)", 0.25, 4.0, float(cfg.get("eval_capacity_ratio", 2.0)),
+        capacity_ratio = st.slider("Capacity ratio C (eval)", 0.25, 4.0,
+                                   min(max(float(cfg.get("eval_capacity_ratio", 2.0)), 0.25), 4.0),
                                    0.05, key="w_capacity")
         bpr = st.toggle("Batch Priority Routing", bool(cfg.get("batch_priority", True)), key="w_bpr")
     max_share = st.slider("Imbalance flag: max share of one expert", 0.05, 1.0, float(min(0.75, 2.0 / E)), 0.01,
@@ -119,10 +120,10 @@ with right:
     exp = linked_selectbox("Expert", list(range(E)), key="expert", format_func=lambda e: f"expert {e}")
     rows = R.class_expert_counts(summary, layer, normalize="row", tokens=tokens)
     cols = R.class_expert_counts(summary, layer, normalize="column", tokens=tokens)
-    st.markdown(f"**{classes[cls]}** goes to: " + ", ".join(
+    st.markdown(f"**{md(classes[cls])}** goes to: " + ", ".join(
         f"expert {e} ({v:.0%})" for e, v in rows.iloc[cls].sort_values(ascending=False).items() if v > 0.005))
     top = cols[exp].sort_values(ascending=False)
-    st.markdown(f"**Expert {exp}** sees: " + (", ".join(f"{k} ({v:.0%})" for k, v in top.items() if v > 0.005)
+    st.markdown(f"**Expert {exp}** sees: " + (", ".join(f"{md(k)} ({v:.0%})" for k, v in top.items() if v > 0.005)
                                               or "nothing (unused or disabled)"))
 st.caption("Routing table (class × expert, the numbers behind the heatmap):")
 st.dataframe(table.round(4), key="routing_table")

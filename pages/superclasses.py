@@ -7,7 +7,7 @@ import streamlit as st
 
 from analysis.superclasses import (METHODS, cluster_superclasses, clustering_quality, compare_methods,
                                    superclass_map)
-from pages.common import (SUPERCLASS_MAP_KEY, checkpoint_picker, confusion_picker, load_eval_data, need,
+from pages.common import (SUPERCLASS_MAP_KEY, checkpoint_picker, confusion_picker, load_eval_data, md, need,
                           open_checkpoint, to_pil)
 
 METHOD_HELP = {
@@ -48,8 +48,12 @@ method = c[0].selectbox("Method", list(METHODS), format_func=lambda m: m.replace
 if not 2 <= st.session_state.get("w_num_groups", 2) <= len(classes):
     del st.session_state["w_num_groups"]  # left over from a checkpoint with more classes
 default_e = int(card["config"].get("num_experts") or 0) or min(4, len(classes))
-num_groups = c[1].slider("Number of super-classes E", 2, len(classes), min(max(default_e, 2), len(classes)),
-                         key="w_num_groups", help="E = number of experts of the Mobile V-MoE to train.")
+if len(classes) > 2:
+    num_groups = c[1].slider("Number of super-classes E", 2, len(classes), min(max(default_e, 2), len(classes)),
+                             key="w_num_groups", help="E = number of experts of the Mobile V-MoE to train.")
+else:
+    num_groups = 2
+    c[1].metric("Number of super-classes E", 2)
 seed = int(c[2].number_input("Seed", 0, 10_000, 0, step=1))
 
 key_cm = tuple(map(tuple, cm.tolist()))
@@ -84,7 +88,7 @@ if ds is not None:
             members = [i for i, a in enumerate(assignment) if a == g][:6]
             picks = [int(np.flatnonzero(labels == ci)[0]) for ci in members if (labels == ci).any()]
             cols = st.columns([1] + [1] * 6)
-            cols[0].markdown(f"**{g}**: {mapping['groups'][g]}")
+            cols[0].markdown(f"**{g}**: {md(mapping['groups'][g])}")
             for col, idx in zip(cols[1:], picks):
                 col.image(to_pil(ds.images[idx]), caption=classes[int(labels[idx])], width=64)
 else:

@@ -29,7 +29,11 @@ selected = checkpoint_picker()
 need(selected is not None, "No checkpoints yet.")
 card, path = open_checkpoint(selected)
 items = available_checkpoints()
-df = table(tuple((str(p), checkpoint_hash(p)) for p, _ in items), max_images())
+try:
+    df = table(tuple((str(p), checkpoint_hash(p)) for p, _ in items), max_images())
+except (ValueError, OSError) as e:  # a card without numbers whose model or data cannot be evaluated here
+    st.warning(f"The checkpoint table cannot be built: {e}")
+    st.stop()
 need(len(df), "No checkpoint could be read.")
 df["where"] = [ckpt_ref(p).split("/")[0] for p in df["path"]]
 

@@ -284,6 +284,21 @@ def test_a_dataset_that_is_not_available_gives_a_warning(monkeypatch, tmp_path, 
     assert any("not available" in w.value for w in at.warning)
 
 
+def test_data_that_does_not_fit_the_checkpoint_gives_a_warning(monkeypatch, tmp_path, synthetic):
+    root = tmp_path / "samples"
+    path = _make_checkpoint(root, "vmoe-4x32-e4k2", synthetic)
+    card = json.loads((path / "card.json").read_text())
+    card["classes"] = [f"other-{i}" for i in range(len(card["classes"]))]  # e.g. a re-generated dataset
+    (path / "card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(root))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    for page in PAGES:
+        at = _app(page)
+        _no_exception(at, f"{page} with mismatched data")
+    at = _app("routing")
+    assert any("does not match" in w.value for w in at.warning)
+
+
 # ----------------------------------------------------------------------------- uploads
 def _png(size, mode="L") -> bytes:
     from PIL import Image

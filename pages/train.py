@@ -25,7 +25,6 @@ DATASET_HELP = {
     "cifar100": "100 classes, 32×32 RGB, with 20 official coarse classes",
     "imagefolder": "your own images: one sub-folder per class",
 }
-STATE_ICON = {"running": "⏳ running", "finished": "✅ finished", "failed": "❌ failed", "cancelled": "⏹ cancelled"}
 SC_NONE, SC_PAGE, SC_FILE, SC_REF = ("None: the router learns end to end (V-MoE balancing losses)",
                                      "The map from the Super-classes page", "Upload a map file (JSON)",
                                      "The dataset's reference hierarchy")
@@ -199,7 +198,7 @@ def jobs_table(rows):
     import pandas as pd
 
     table = pd.DataFrame([{
-        "run": r["name"], "kind": r["kind"], "state": STATE_ICON.get(r["state"], r["state"]),
+        "run": r["name"], "kind": r["kind"], "state": r["state"],
         "started": (r["started"] or "")[:19].replace("T", " "), "elapsed": r["elapsed"],
         "model": r["model"], "dataset": r["dataset"], "step": r["step"], "epoch": r["epoch"],
         "loss": r["loss"], "test acc %": None if r["test_accuracy"] is None else 100 * r["test_accuracy"],
@@ -272,8 +271,7 @@ def jobs_panel() -> None:
     names = [r["name"] for r in rows]
     if st.session_state.get("tr_selected") not in names:
         st.session_state["tr_selected"] = names[0]
-    selected = st.selectbox("Show run", names, key="tr_selected",
-                            format_func=lambda n: f"{n} ({states[n]})")
+    selected = st.selectbox("Show run", names, key="tr_selected")
     show_job(next(r for r in rows if r["name"] == selected))
 
 

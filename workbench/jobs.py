@@ -44,6 +44,7 @@ JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
+EXIT_FILE = "exit.json"
 SUPERCLASS_FILE = "superclasses.json"
 LOCK_FILE = ".jobs.lock"
 
@@ -348,11 +349,14 @@ def _new_run_dir(base: Path, name: str) -> Path:
 
 
 def _launch(run_dir: Path, cmd: list[str], kind: str, options: dict) -> Path:
+    """Start `cmd` under a small supervisor (`python -m workbench.jobs supervise`) that records
+    its exit code in exit.json, so any later app process knows how it ended."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    supervised = [sys.executable, "-m", "workbench.jobs", "supervise", str(run_dir), "--", *cmd]
     with open(run_dir / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(supervised, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     _CHILDREN[proc.pid] = proc
     now = time.time()
@@ -460,6 +464,18 @@ def _tail_bytes(path: Path, size: int) -> bytes:
         return b""
 
 
+def metrics_dir(run_dir: PathLike) -> Path:
+    """Where a job's live metrics are: the run folder, or for a pipeline its newest stage (dense/, moe/, ...)."""
+    run_dir = Path(run_dir)
+    if (run_dir / METRICS_FILE).is_file():
+        return run_dir
+    stages = []
+    for sub in run_dir.iterdir() if run_dir.is_dir() else ():
+        with contextlib.suppress(OSError):
+            stages.append((sub.joinpath(METRICS_FILE).stat().st_mtime, sub))
+    return max(stages)[1] if stages else run_dir
+
+
 def last_metrics(run_dir: PathLike) -> dict:
     """The newest train and eval records (from the tail of metrics.jsonl, cheap for big files)."""
     records = _parse_jsonl(_tail_bytes(Path(run_dir) / METRICS_FILE, 64 * 1024))
@@ -537,22 +553,24 @@ def job_state(run_dir: PathLike) -> tuple[str, str]:
     run_dir = Path(run_dir)
     job = _read_json(run_dir / JOB_FILE) or {}
     status = _read_json(run_dir / STATUS_FILE) or {}
+    ended = _read_json(run_dir / EXIT_FILE)
     reported = status.get("state")
     if reported == "finished":
         return "finished", ""
     if job.get("cancelled") or reported == "stopped":  # train.py writes "stopped" on SIGTERM / Ctrl-C
         return "cancelled", ""
-    pid = job.get("pid") or status.get("pid")
-    alive = pid_alive(pid, job.get("proc_start") if job.get("pid") else None)
     if reported == "failed":  # (the process may still be tearing down; it has said it failed)
         return "failed", _status_error(status, run_dir)
-    if alive:
+    pid = job.get("pid") or status.get("pid")
+    if ended is None and pid_alive(pid, job.get("proc_start") if job.get("pid") else None):
         return "running", ""
-    # The process is gone without saying it finished.
+    # The process is gone. Its exit code: from the supervisor's exit.json, or our own child handle.
+    code = ended.get("returncode") if ended else _exit_code(job.get("pid"))
+    if code == 0 and reported is None:
+        return "finished", ""  # a job that reports only through its exit code (the pipeline)
     detail = plain_error(log_tail(run_dir))
-    code = _exit_code(pid)
-    if reported is None and detail and code != 0 and not (code or 0) < 0:
-        # it stopped before training began, with a message (bad dataset, bad map, ...)
+    if reported is None and detail and code is not None and code > 0:
+        # it stopped with a message before training began (bad dataset, bad map, ...)
         return "failed", _strip_prefix(detail)
     how = "process exited unexpectedly"
     if code is not None and code < 0:
@@ -599,6 +617,9 @@ def _end_time(run_dir: Path, job: dict, status: dict) -> Optional[float]:
                 return datetime.datetime.fromisoformat(value).timestamp()
     if job.get("cancelled_ts"):
         return float(job["cancelled_ts"])
+    ended = _read_json(run_dir / EXIT_FILE)
+    if ended and isinstance(ended.get("ended_ts"), (int, float)):
+        return float(ended["ended_ts"])
     times = []
     for name in (STATUS_FILE, METRICS_FILE, LOG_FILE):
         with contextlib.suppress(OSError):
@@ -613,12 +634,16 @@ def job_info(run_dir: PathLike) -> dict:
     status = _read_json(run_dir / STATUS_FILE) or {}
     state, error = job_state(run_dir)
     started_ts = job.get("started_ts")
+    if started_ts is None and isinstance(status.get("started"), str):  # a run started from the CLI
+        with contextlib.suppress(ValueError):
+            started_ts = datetime.datetime.fromisoformat(status["started"]).timestamp()
     if started_ts is None:
         with contextlib.suppress(OSError):
-            started_ts = (run_dir / JOB_FILE).stat().st_mtime
+            started_ts = run_dir.stat().st_mtime
     end = time.time() if state == "running" else _end_time(run_dir, job, status)
     elapsed = max(0.0, end - started_ts) if (started_ts and end) else None
-    last = last_metrics(run_dir)
+    source = metrics_dir(run_dir)
+    last = last_metrics(source)
     train, ev = last.get("train", {}), last.get("eval", {})
     from .checkpoint import list_checkpoints
     ckpts = list_checkpoints(run_dir)
@@ -626,7 +651,7 @@ def job_info(run_dir: PathLike) -> dict:
         "name": job.get("name", run_dir.name),
         "kind": job.get("kind", "train"),
         "state": state,
-        "started": job.get("started") or (_iso(started_ts) if started_ts else ""),
+        "started": _iso(started_ts) if started_ts else "",
         "started_ts": started_ts,
         "elapsed_s": elapsed,
         "elapsed": _fmt_elapsed(elapsed),
@@ -637,10 +662,12 @@ def job_info(run_dir: PathLike) -> dict:
         "img_per_s": train.get("img_per_s"),
         "error": error,
         "pid": job.get("pid"),
-        "model": (job.get("options") or {}).get("model"),
-        "dataset": (job.get("options") or {}).get("dataset"),
+        "model": (job.get("options") or {}).get("model") or status.get("model"),
+        "dataset": (job.get("options") or {}).get("dataset") or status.get("dataset"),
         "checkpoint": str(ckpts[-1]) if ckpts else None,
         "run_dir": str(run_dir),
+        "metrics_dir": str(source),
+        "stage": source.name if source != run_dir else None,
         "command": job.get("command", []),
     }
 
@@ -720,7 +747,46 @@ def wait(run: PathLike, timeout: float = 60.0, root: Optional[PathLike] = None, 
     return state
 
 
+# ----------------------------------------------------------------------------- supervisor
+def supervise(run_dir: PathLike, cmd: list[str]) -> int:
+    """Run `cmd`, then write exit.json {returncode, ended_ts}; the job's exit code outlives the app.
+
+    The supervisor leads the job's process group: `cancel` signals the group,
+    the job handles SIGTERM (train.py records "stopped"), and the supervisor,
+    which ignores SIGTERM/SIGINT, stays to record how it ended.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = subprocess.Popen(cmd, preexec_fn=_default_signals)
+    except OSError as e:
+        print(f"error: cannot start {cmd[0]}: {e}", flush=True)
+        code = 127
+    else:
+        code = child.wait()
+    _write_json(Path(run_dir) / EXIT_FILE, {"returncode": code, "ended_ts": time.time(), "ended": _iso(time.time())})
+    return code
+
+
+def _default_signals() -> None:  # in the job (child), undo the supervisor's ignored signals
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 4 and argv[0] == "supervise" and argv[2] == "--":
+        return supervise(argv[1], argv[3:])
+    print("usage: python -m workbench.jobs supervise RUN_DIR -- COMMAND...  (used by the Train page)", file=sys.stderr)
+    return 2
+
+
 __all__ = ["TrainOptions", "PipelineOptions", "JobError", "start_training", "start_pipeline", "start_command",
            "list_jobs", "job_info", "job_state", "read_metrics", "last_metrics", "log_tail", "plain_error",
            "cancel", "wait", "max_jobs", "validate_dataset", "validate_superclass_map", "read_superclass_file",
-           "pipeline_available", "resolve_run", "pid_alive", "metrics_frames", "preset_name", "DATASETS", "PRECISIONS", "STATES"]
+           "pipeline_available", "resolve_run", "pid_alive", "metrics_frames", "preset_name", "metrics_dir",
+           "supervise", "DATASETS", "PRECISIONS", "STATES"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Background jobs (workbench/jobs.py): how the Train page starts, follows and stops runs.
+
+Most tests start a tiny stand-in process (a few lines of Python) instead of
+training, so they are fast; one test runs real training on `synthetic`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workbench import jobs
+from workbench.checkpoint import load_checkpoint
+
+PY = sys.executable
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """An empty runs folder (WORKBENCH_RUNS) and the default concurrency limit."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("WORKBENCH_RUNS", str(root))
+    monkeypatch.delenv("WORKBENCH_MAX_JOBS", raising=False)
+    yield root
+    for row in jobs.list_jobs(root):  # never leave a process behind
+        if row["state"] == "running":
+            jobs.cancel(row["run_dir"], root, timeout=2)
+
+
+def sleeper(seconds: float = 60, status: bool = True) -> list[str]:
+    """A stand-in job: writes status.json like train.py, then sleeps."""
+    code = (
+        "import json, os, sys, time\n"
+        "d = sys.argv[1]\n"
+        + ("json.dump({'state': 'running', 'pid': os.getpid()}, open(os.path.join(d, 'status.json'), 'w'))\n"
+           if status else "")
+        + f"time.sleep({seconds})\n"
+    )
+    return [PY, "-c", code, "{run_dir}"]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+# ----------------------------------------------------------------------------- names and paths
+def test_run_names_are_sanitised_and_made_unique(runs):
+    a = jobs.start_command([PY, "-c", "pass"], "../../etc/my run!", root=runs, limit=5)
+    b = jobs.start_command([PY, "-c", "pass"], "../../etc/my run!", root=runs, limit=5)
+    assert a.parent == runs and b.parent == runs
+    assert a.name == "etc-my-run" and b.name == "etc-my-run-2"
+    job = json.loads((a / "job.json").read_text())
+    assert job["kind"] == "train" and job["pid"] > 0 and job["command"][0] == PY and job["started"]
+
+
+def test_run_paths_outside_the_runs_folder_are_refused(runs, tmp_path):
+    runs.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for bad in ("../elsewhere", str(tmp_path / "elsewhere"), "a/../../elsewhere"):
+        with pytest.raises(ValueError, match="outside"):
+            jobs.resolve_run(bad, runs)
+    with pytest.raises(ValueError, match="outside"):
+        jobs.cancel("../elsewhere", runs)
+    with pytest.raises(ValueError, match="no usable characters"):
+        jobs.start_command([PY, "-c", "pass"], "../..", root=runs)
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("options, message", [
+    (dict(model="vit-2x64x"), "unknown preset"),
+    (dict(model="mvmoe-2x64-e2k3"), "num_experts >= top_k"),
+    (dict(epochs=0), "epochs must be between"),
+    (dict(epochs=2.5), "epochs must be a whole number"),
+    (dict(batch_size=0), "batch size must be between"),
+    (dict(batch_size=10**6), "batch size must be between"),
+    (dict(max_steps=-1), "max steps must be between"),
+    (dict(dataset="mnist"), "unknown dataset 'mnist'"),
+    (dict(dataset="imagefolder:/no/such/folder"), "does not exist"),
+    (dict(precision="fp8"), "precision must be one of"),
+    (dict(overrides={"experts": 4}), "unknown model option"),
+    (dict(overrides={"depth": 3}), "contradict preset"),
+    (dict(model="vit-2x64", superclasses={"classes": {"a": 0, "b": 1}}), "only guides the per-image router"),
+    (dict(model="mvmoe-2x64-e3k1", superclasses={"classes": {"a": 0, "b": 1}}), "2 groups but the preset has E=3"),
+    (dict(model="mvmoe-2x64-e2k1", superclasses={"classes": {"a": 0, "b": 2}}), "groups must be 0..2"),
+    (dict(model="mvmoe-2x64-e2k1", superclasses={"dataset": "cifar10", "classes": {"a": 0, "b": 1}}),
+     "made for 'cifar10'"),
+    (dict(name="///"), "no usable characters"),
+])
+def test_bad_options_are_refused_before_anything_starts(runs, options, message):
+    with pytest.raises(ValueError, match=message):
+        jobs.start_training(jobs.TrainOptions(**{"model": "vit-2x64", **options}))
+    assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+
+
+def test_an_uploaded_map_that_is_not_json_is_a_plain_error():
+    with pytest.raises(ValueError, match="not valid JSON"):
+        jobs.read_superclass_file(b"{classes: ")
+    good = jobs.read_superclass_file(json.dumps({"classes": {"a": 0, "b": 1, "c": 1}, "num_groups": 2}))
+    assert good["num_groups"] == 2
+
+
+def test_options_become_train_flags(tmp_path):
+    opts = jobs.TrainOptions(model="mvmoe-2x64-e2k1", dataset="synthetic", epochs=2, max_steps=7, batch_size=16,
+                             precision="fp32", seed=3, overrides={"router_input": "cls", "moe_layers": [1]})
+    cmd = opts.command(tmp_path, tmp_path / "sc.json")
+    assert cmd[:3] == [PY, "-m", "workbench.train"]
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert flags["--model"] == "mvmoe-2x64-e2k1" and flags["--max-steps"] == "7" and flags["--out"] == str(tmp_path)
+    assert flags["--superclasses"] == str(tmp_path / "sc.json")
+    assert [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"] == ["router_input=cls", "moe_layers=[1]"]
+    from workbench.train import parse_args, parse_overrides  # train.py accepts exactly these flags
+
+    args = parse_args(cmd[3:])
+    assert parse_overrides(args.overrides) == {"router_input": "cls", "moe_layers": [1]}
+
+
+# ----------------------------------------------------------------------------- concurrency
+def test_one_job_at_a_time_by_default(runs, monkeypatch):
+    first = jobs.start_command(sleeper(), "first", root=runs)
+    assert jobs.job_state(first)[0] == "running"
+    with pytest.raises(jobs.JobError, match="already running.*first.*limit is 1"):
+        jobs.start_command(sleeper(), "second", root=runs)
+    with pytest.raises(jobs.JobError, match="limit is 1"):
+        jobs.start_training(jobs.TrainOptions(model="vit-2x64"), root=runs)
+    monkeypatch.setenv("WORKBENCH_MAX_JOBS", "2")
+    second = jobs.start_command(sleeper(), "second", root=runs)
+    assert [r["state"] for r in jobs.list_jobs(runs)] == ["running", "running"]
+    with pytest.raises(jobs.JobError, match="limit is 2"):
+        jobs.start_command(sleeper(), "third", root=runs)
+    jobs.cancel(first, runs)
+    jobs.cancel(second, runs)
+    jobs.start_command(sleeper(), "third", root=runs, limit=1)  # room again once they stopped
+
+
+# ----------------------------------------------------------------------------- cancel / failure
+def test_cancel_stops_the_whole_process_group_and_marks_cancelled(runs):
+    # the job starts a grandchild (like DataLoader workers or torchrun ranks): both must stop
+    code = ("import os, subprocess, sys, time\n"
+            "d = sys.argv[1]\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "open(os.path.join(d, 'child.pid'), 'w').write(str(child.pid))\n"
+            "time.sleep(60)\n")
+    run = jobs.start_command([PY, "-c", code, "{run_dir}"], "to-cancel", root=runs)
+    assert wait_for(lambda: (run / "child.pid").exists())
+    grandchild = int((run / "child.pid").read_text())
+    pid = json.loads((run / "job.json").read_text())["pid"]
+    assert jobs.cancel("to-cancel", runs) == "cancelled"
+    assert not jobs.pid_alive(pid)
+    assert wait_for(lambda: not jobs.pid_alive(grandchild), 5)
+    row = jobs.list_jobs(runs)[0]
+    assert row["state"] == "cancelled" and row["error"] == "" and row["elapsed"]
+    assert jobs.cancel("to-cancel", runs) == "cancelled"  # cancelling twice is harmless
+
+
+def test_a_job_whose_process_dies_is_reported_failed_with_its_error(runs):
+    code = ("import json, os, sys\n"
+            "d = sys.argv[1]\n"
+            "json.dump({'state': 'running', 'pid': os.getpid()}, open(os.path.join(d, 'status.json'), 'w'))\n"
+            "print('loading data...', flush=True)\n"
+            "print('RuntimeError: the GPU fell off the bus', file=sys.stderr, flush=True)\n"
+            "os._exit(3)\n")
+    run = jobs.start_command([PY, "-c", code, "{run_dir}"], "dies", root=runs)
+    assert jobs.wait(run, 10, runs) == "failed"
+    state, error = jobs.job_state(run)
+    assert "process exited unexpectedly (exit code 3)" in error
+    assert "RuntimeError: the GPU fell off the bus" in error
+    # another app process (no Popen handle, e.g. after a server restart) reaches the same verdict
+    jobs._CHILDREN.clear()
+    assert jobs.job_state(run) == (state, error)
+
+
+def test_a_job_without_status_is_judged_by_its_exit_code(runs):
+    # the pipeline reports through its exit code only (its stages have their own status.json)
+    ok = jobs.start_command([PY, "-c", "print('all stages done')"], "ok", root=runs, limit=5)
+    bad = jobs.start_command([PY, "-c", "import sys; sys.exit('error: no data for fashion-mnist')"], "bad",
+                             root=runs, limit=5)
+    assert jobs.wait(ok, 10, runs) == "finished"
+    assert jobs.wait(bad, 10, runs) == "failed"
+    assert jobs.job_state(bad)[1] == "no data for fashion-mnist"
+    assert json.loads((ok / "exit.json").read_text())["returncode"] == 0
+
+
+def test_a_killed_job_says_which_signal(runs):
+    run = jobs.start_command(sleeper(), "killed", root=runs)
+    assert wait_for(lambda: (run / "status.json").exists())
+    os.kill(json.loads((run / "status.json").read_text())["pid"], 9)  # what the kernel's OOM killer does
+    assert jobs.wait(run, 10, runs) == "failed"
+    assert "killed by SIGKILL, possibly out of memory" in jobs.job_state(run)[1]
+
+
+def test_the_status_error_is_shown_as_written(runs):
+    run = runs / "crashed"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "failed", "pid": 0, "error": "loss is nan at step 3"}))
+    row = jobs.list_jobs(runs)[0]
+    assert row["state"] == "failed" and row["error"] == "loss is nan at step 3"
+
+
+def test_a_stale_running_status_with_a_reused_pid_is_not_running(runs):
+    run = runs / "stale"
+    run.mkdir(parents=True)
+    # our own pid is alive, but its start time does not match the one recorded for the job
+    (run / "job.json").write_text(json.dumps({"pid": os.getpid(), "proc_start": 1, "started_ts": time.time() - 5}))
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid()}))
+    assert jobs.job_state(run) == ("failed", "process exited unexpectedly")
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_a_partially_written_metrics_line_is_ignored(tmp_path):
+    lines = [{"type": "train", "step": 1, "loss": 2.5, "aux": {"superclass": 0.4}},
+             {"type": "eval", "epoch": 1, "step": 2, "test_accuracy": 0.5,
+              "expert_load": [{"layer": 1, "kind": "image", "fraction": [0.75, 0.25], "dropped": 0.0}]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "train", "st')
+    assert jobs.read_metrics(tmp_path) == lines
+    assert jobs.last_metrics(tmp_path)["eval"]["test_accuracy"] == 0.5
+    frames = jobs.metrics_frames(jobs.read_metrics(tmp_path))
+    assert frames["train"]["aux_superclass"].tolist() == [0.4]
+    assert frames["load"]["share"].tolist() == [0.75, 0.25]
+    assert jobs.read_metrics(tmp_path / "missing") == []
+
+
+def test_no_runs_folder_means_no_jobs(tmp_path):
+    assert jobs.list_jobs(tmp_path / "nothing-here") == []
+
+
+# ----------------------------------------------------------------------------- real training
+@pytest.mark.slow
+def test_a_tiny_real_training_job_finishes_with_a_loadable_checkpoint(runs):
+    opts = jobs.TrainOptions(model="mvmoe-2x64-e2k1", dataset="synthetic", epochs=1, max_steps=2, batch_size=16,
+                             precision="fp32", log_every=1, overrides={"moe_layers": [1]}, name="tiny run")
+    run = jobs.start_training(opts, root=runs)
+    assert run.name == "tiny-run"
+    state = jobs.wait(run, 120, runs)
+    assert state == "finished", jobs.job_state(run)[1] + "\n" + jobs.log_tail(run)
+    row = jobs.list_jobs(runs)[0]
+    assert row["step"] == 2 and 0.0 <= row["test_accuracy"] <= 1.0 and row["checkpoint"] == str(run)
+    records = jobs.read_metrics(run)
+    assert [r["type"] for r in records][-2:] == ["eval", "done"]
+    assert not jobs.metrics_frames(records)["load"].empty  # per-expert load for the curves
+    model, card = load_checkpoint(run)
+    assert card["preset"] == "mvmoe-2x64-e2k1" and card["config"]["moe_layers"] == [1]
+
+
+@pytest.mark.slow
+def test_a_training_error_reaches_the_jobs_table_in_plain_words(runs):
+    # a map whose class names are not the dataset's: training refuses it; the table says why
+    bad_map = {"dataset": "synthetic", "classes": {"not-a-class": 0, "neither": 1}, "num_groups": 2}
+    run = jobs.start_training(jobs.TrainOptions(model="mvmoe-2x64-e2k1", dataset="synthetic", max_steps=1,
+                                                superclasses=bad_map), root=runs)
+    assert json.loads((run / "superclasses.json").read_text()) == bad_map
+    assert jobs.wait(run, 60, runs) == "failed"
+    error = jobs.list_jobs(runs)[0]["error"]
+    assert "does not match the dataset's classes" in error and "Traceback" not in error
+
+
+# ----------------------------------------------------------------------------- the Train page (AppTest)
+def train_page(runs, samples=None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "workbench" / "app.py"), default_timeout=60)
+    at.switch_page("../pages/train.py")
+    return at.run()
+
+
+@pytest.fixture
+def no_samples(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tmp_path / "no-samples"))
+
+
+def finished_run(runs: Path, name: str) -> Path:
+    """A run folder as train.py leaves it: a checkpoint, metrics and status 'finished'."""
+    from workbench.checkpoint import save_checkpoint
+    from workbench.models import create_model
+
+    run = runs / name
+    model = create_model("mvmoe-2x64-e2k1", num_classes=4, moe_layers=[1])
+    save_checkpoint(run, model, {"preset": "mvmoe-2x64-e2k1", "dataset": "synthetic", "classes": list("abcd"),
+                                 "metrics": {"test_accuracy": 0.75}, "macs": {}, "params": {}})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"type": "train", "step": 1, "epoch": 1, "loss": 1.4, "ce": 1.3, "aux": {"importance": 0.01},
+         "train_accuracy": 0.25},
+        {"type": "eval", "epoch": 1, "step": 2, "test_accuracy": 0.75,
+         "expert_load": [{"layer": 1, "kind": "image", "fraction": [0.5, 0.5], "dropped": 0.0}]},
+        {"type": "done", "step": 2, "test_accuracy": 0.75}]) + "\n")
+    (run / "job.json").write_text(json.dumps({"kind": "train", "name": name, "pid": 0, "started_ts": time.time() - 9,
+                                              "options": {"model": "mvmoe-2x64-e2k1", "dataset": "synthetic"}}))
+    (run / "status.json").write_text(json.dumps({"state": "finished", "pid": 0}))
+    return run
+
+
+def test_train_page_with_no_runs_says_how_to_start(runs, no_samples):
+    at = train_page(runs)
+    assert not at.exception
+    assert any("No runs yet" in i.value for i in at.info)
+
+
+def test_train_page_refuses_bad_input_in_plain_words(runs, no_samples):
+    at = train_page(runs)
+    at.text_area(key="tr_overrides").input("experts=3")
+    at.button(key="tr_start").click().run()
+    assert not at.exception
+    assert any("Not started: unknown model option(s) ['experts']" in e.value for e in at.error)
+    assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+
+
+def test_train_page_refuses_a_second_job_over_the_limit(runs, no_samples):
+    jobs.start_command(sleeper(), "busy", root=runs)
+    at = train_page(runs)
+    at.button(key="tr_start").click().run()
+    assert any("already running (busy)" in e.value for e in at.error)
+    assert any("busy" in i.value and "running" in i.value for i in at.info)  # the live view of the running job
+
+
+def test_train_page_shows_a_failed_runs_error(runs, no_samples):
+    run = runs / "broken"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "failed", "pid": 0,
+                                                 "error": "loss is nan at step 3: lower --lr"}))
+    at = train_page(runs)
+    assert not at.exception
+    assert [e.value for e in at.error] == ["**broken** failed: loss is nan at step 3: lower --lr"]
+
+
+def test_a_finished_run_is_offered_in_the_checkpoint_picker(runs, no_samples):
+    finished_run(runs, "done-run")
+    at = train_page(runs)
+    assert not at.exception and not at.error
+    assert any("done-run" in s.value and "75.00%" in s.value for s in at.success)
+    picker = at.sidebar.selectbox(key="w_ckpt")
+    assert any(o.startswith("done-run ·") for o in picker.options), picker.options

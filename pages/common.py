@@ -24,7 +24,7 @@ from workbench import paths
 from workbench.checkpoint import CheckpointError, list_checkpoints, read_card, sha256_file
 
 CKPT_KEY = "sel_ckpt"            # session_state key of the selected checkpoint ("samples/<rel>" | "runs/<rel>")
-DEFAULT_MAX_IMAGES = 1000        # test images analysed per page (configurable in the sidebar)
+DEFAULT_MAX_IMAGES = 500         # test images analysed per page (sidebar setting): cold pages stay fast
 
 
 # ----------------------------------------------------------------------------- small helpers

@@ -203,8 +203,8 @@ source = c[0].radio("Points", ["router_input", "features"], horizontal=True,
                     format_func=lambda s: {"router_input": "router input", "features": "final features"}[s])
 colour_opts = ["expert", "class"] + (["superclass"] if summary.superclasses is not None else []) + ["correct"]
 colour = c[1].radio("Colour by", colour_opts, horizontal=True)
-if c[2].toggle("Compute UMAP", value=len(ds) <= 500,
-               help="UMAP of a few thousand points takes seconds the first time; results are cached on disk."):
+if c[2].toggle("Compute UMAP", help="UMAP takes a few seconds the first time (more for thousands of points); "
+                                   "results are cached on disk per checkpoint and setting."):
     emb = embedding(checkpoint_hash(path), (len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled))),
                     source, int(layer), summary)
     st.plotly_chart(embedding_figure(emb, colour), key="umap")

@@ -212,6 +212,56 @@ def test_routing_knobs_recompute_for_per_token_models(app_env):
     assert drops()["dropped"].sum() > loose
 
 
+def _toggle(at: AppTest, label_start: str) -> AppTest:
+    next(t for t in at.toggle if t.label.startswith(label_start)).set_value(True).run()
+    return at
+
+
+def test_optional_routing_sections_render(app_env):
+    at = _select(_app("routing"), "samples/vmoe-4x32-e4k2")
+    _toggle(at, "Disable each expert")
+    _toggle(at, "Compare BPR")
+    _no_exception(at, "ablation + BPR comparison")
+    assert "ablated_accuracy" in _table_with(at, "ablated_accuracy").columns
+    assert set(_table_with(at, "priority")["priority"]) == {"BPR", "vanilla"}
+    at = _select(at, "samples/mvmoe-2x32-e4k1")
+    _toggle(at, "Compute UMAP")
+    _no_exception(at, "UMAP")
+
+
+def test_tradeoff_sweep_and_method_comparison_render(app_env):
+    at = _select(_app("tradeoff"), "samples/vmoe-4x32-e4k2")
+    assert len(_table_with(at, "pareto")) == len(FAMILIES)
+    _toggle(at, "Run the sweep")
+    _no_exception(at, "sweep")
+    sweep = _table_with(at, "drop_rate")
+    assert set(sweep["k"]) == {1, 2, 3, 4}
+    at = _select(_app("superclasses"), "samples/vit-2x32")
+    _toggle(at, "Compare all methods")
+    _no_exception(at, "method comparison")
+    assert len(_table_with(at, "within_share")) >= 3
+
+
+def test_inspector_attribution_methods(app_env):
+    at = _select(_app("inspector"), "samples/mvmoe-2x32-e4k1")
+    for method in ("saliency", "occlusion"):
+        next(s for s in at.selectbox if s.label == "Method").set_value(method).run()
+        _no_exception(at, method)
+    assert {m.label for m in at.metric} >= {"Prediction", "Confidence"}
+
+
+def test_learn_page_shows_fewer_drops_with_more_capacity(app_env):
+    at = _select(_app("learn"), "samples/vmoe-4x32-e4k2")
+    slider = next(s for s in at.slider if s.label.startswith("Capacity ratio"))
+    dropped = {}
+    for c in (0.2, 2.0):
+        slider.set_value(c).run()
+        _no_exception(at, f"C={c}")
+        dropped[c] = [int(m.value.split(" of ")[0]) for m in at.metric if "tokens dropped" in m.label]
+    assert all(tight >= loose for tight, loose in zip(dropped[0.2], dropped[2.0]))
+    assert sum(dropped[0.2]) > sum(dropped[2.0])
+
+
 def test_linked_class_selection_is_shared_across_pages_and_the_url(app_env):
     at = _select(_app("confusion_graph"), "samples/vit-2x32")
     at.sidebar.selectbox(key="w_class").set_value(3).run()

@@ -9,7 +9,7 @@ import streamlit as st
 from analysis.confusion import normalize_rows, per_class_accuracy
 from analysis.superclasses import confusion_graph, order_by_groups
 from pages.common import (checkpoint_picker, confusion_picker, group_sources, linked_selectbox, load_eval_data, md,
-                          need, open_checkpoint)
+                          need, open_checkpoint, set_selection)
 
 PALETTE = px.colors.qualitative.Plotly + px.colors.qualitative.Set3 + px.colors.qualitative.Dark24
 
@@ -96,8 +96,16 @@ c[3].metric(f"Accuracy of {md(classes[selected])}", f"{acc[selected]:.1%}" if ac
 left, right = st.columns([1.1, 1])
 with left:
     st.subheader("Network")
-    st.caption("Node size = per-class accuracy; edge width = confusion rate; colour = super-class.")
-    st.plotly_chart(network_figure(g, pos, groups, group_names, selected), key="graph")
+    st.caption("Node size = per-class accuracy; edge width = confusion rate; colour = super-class. "
+               "Click a node to select its class on every page.")
+    event = st.plotly_chart(network_figure(g, pos, groups, group_names, selected), key="graph",
+                            on_select="rerun", selection_mode="points")
+    picked = [p.get("customdata") for p in (event.selection.points if event else []) if "customdata" in p]
+    picked = [int(p[0] if isinstance(p, list) else p) for p in picked if p is not None]
+    if picked and picked[0] != st.session_state.get("_graph_pick") and 0 <= picked[0] < len(classes):
+        st.session_state["_graph_pick"] = picked[0]  # a click, not the same selection replayed on a rerun
+        set_selection("class", picked[0])
+        st.rerun()
 with right:
     st.subheader("Confusion matrix (row-normalised)")
     order = order_by_groups(groups) if groups is not None else list(range(len(classes)))

@@ -238,7 +238,6 @@ def job_row(page, name: str) -> dict:
 
 
 def test_every_page_renders_without_errors_and_a_run_started_in_the_ui_finishes(page, app_url):
-    t0 = time.monotonic()
     links = nav_links(page)
     titles = [t for t, _ in links]
     assert "Train" in titles and len(titles) >= 8, titles
@@ -289,4 +288,3 @@ def test_every_page_renders_without_errors_and_a_run_started_in_the_ui_finishes(
     labels = [options.nth(i).inner_text() for i in range(options.count())]
     page.keyboard.press("Escape")
     assert any(RUN_NAME in label for label in labels), f"{RUN_NAME} is not in the checkpoint picker: {labels}"
-    assert time.monotonic() - t0 < 170

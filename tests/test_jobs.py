@@ -250,16 +250,31 @@ def test_a_tiny_real_training_job_finishes_with_a_loadable_checkpoint(runs):
     assert card["preset"] == "mvmoe-2x64-e2k1" and card["config"]["moe_layers"] == [1]
 
 
+def test_a_map_for_other_classes_or_a_missing_dataset_is_refused_up_front(runs):
+    wrong = {"dataset": "synthetic", "classes": {"not-a-class": 0, "neither": 1}, "num_groups": 2}
+    with pytest.raises(ValueError, match=r"does not fit synthetic's classes: missing \[.*unknown \['neither'"):
+        jobs.start_training(jobs.TrainOptions(model="mvmoe-2x64-e2k1", superclasses=wrong), root=runs)
+    from workbench.data import load_dataset
+
+    try:
+        load_dataset("cifar100", "test")
+    except ValueError as e:  # not installed here: the form says so, with the loader's how-to
+        with pytest.raises(ValueError) as refused:
+            jobs.start_training(jobs.TrainOptions(model="vit-2x64", dataset="cifar100"), root=runs)
+        assert str(refused.value) == str(e)
+    assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+
+
 @pytest.mark.slow
-def test_a_training_error_reaches_the_jobs_table_in_plain_words(runs):
-    # a map whose class names are not the dataset's: training refuses it; the table says why
-    bad_map = {"dataset": "synthetic", "classes": {"not-a-class": 0, "neither": 1}, "num_groups": 2}
-    run = jobs.start_training(jobs.TrainOptions(model="mvmoe-2x64-e2k1", dataset="synthetic", max_steps=1,
-                                                superclasses=bad_map), root=runs)
-    assert json.loads((run / "superclasses.json").read_text()) == bad_map
+def test_a_training_error_reaches_the_jobs_table_in_plain_words(runs, tmp_path):
+    # an image folder without class sub-folders passes the form's checks; training refuses it
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "stray.txt").write_text("not an image")
+    run = jobs.start_training(jobs.TrainOptions(model="vit-2x64", dataset=f"imagefolder:{tmp_path / 'photos'}",
+                                                max_steps=1), root=runs)
     assert jobs.wait(run, 60, runs) == "failed"
     error = jobs.list_jobs(runs)[0]["error"]
-    assert "does not match the dataset's classes" in error and "Traceback" not in error
+    assert str(tmp_path / "photos") in error and "Traceback" not in error, error
 
 
 # ----------------------------------------------------------------------------- the Train page (AppTest)
@@ -336,4 +351,4 @@ def test_a_finished_run_is_offered_in_the_checkpoint_picker(runs, no_samples):
     assert not at.exception and not at.error
     assert any("done-run" in s.value and "75.00%" in s.value for s in at.success)
     picker = at.sidebar.selectbox(key="w_ckpt")
-    assert any(o.startswith("done-run ·") for o in picker.options), picker.options
+    assert any("done-run" in o for o in picker.options), picker.options

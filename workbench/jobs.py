@@ -87,8 +87,12 @@ class TrainOptions:
     overrides: dict = field(default_factory=dict)  # ModelConfig fields, passed as --set key=value
     name: Optional[str] = None             # run name; default "<model>-<dataset>-<time>"
 
-    def validate(self) -> None:
-        """Raise ValueError with a message a user can act on; returns None when everything is valid."""
+    def validate(self, check_data: bool = True) -> None:
+        """Raise ValueError with a message a user can act on; returns None when everything is valid.
+
+        `check_data` also opens the dataset's test split (well under a second; not for image
+        folders), so a missing dataset or a map for other classes is refused here, not in the job.
+        """
         from .models.config import ModelConfig, parse_preset
 
         fields = parse_preset(self.model)  # ValueError names the accepted preset forms
@@ -128,6 +132,13 @@ class TrainOptions:
             if made_for and made_for != self.dataset:
                 raise ValueError(f"the super-class map was made for {made_for!r} but the run uses {self.dataset!r}; "
                                  "choose that dataset or make a map for this one on the Super-classes page")
+        if check_data and not self.dataset.startswith("imagefolder:"):
+            test = _open_test_split(self.dataset)
+            if isinstance(self.superclasses, dict):
+                names, want = set(self.superclasses["classes"]), set(test.classes)
+                if names != want:
+                    raise ValueError(f"the super-class map does not fit {self.dataset}'s classes: missing "
+                                     f"{sorted(want - names)}, unknown {sorted(names - want)}")
         if self.name is not None:
             safe_run_name(self.name)
 
@@ -235,15 +246,18 @@ def validate_superclass_map(mapping: dict, preset_fields: Optional[dict] = None)
                              f"E={preset_fields.get('num_experts')} experts; they must be equal")
 
 
+def _open_test_split(dataset: str):
+    """The dataset's test split; a missing dataset is a ValueError (DatasetError) saying how to get it."""
+    from .data import load_dataset
+
+    return load_dataset(dataset, "test")
+
+
 def _check_reference_groups(dataset: str, fields: dict) -> None:
     """`--superclasses reference`: the dataset must have a hierarchy with E groups."""
     if fields.get("family") != "mvmoe":
         raise ValueError("a super-class map only guides the per-image router: choose an mvmoe-… preset")
-    try:
-        from .data import load_dataset
-        groups = load_dataset(dataset, "test").reference_groups
-    except ImportError:
-        return  # training checks it
+    groups = _open_test_split(dataset).reference_groups
     if groups is None:
         raise ValueError(f"dataset {dataset!r} has no reference hierarchy; use a super-class map instead")
     n = len(set(int(g) for g in groups))

@@ -244,6 +244,7 @@ def checkpoint_picker() -> Optional[Path]:
     st.session_state[CKPT_KEY] = ref
     st.query_params["ckpt"] = ref
     _max_images_widget()
+    _bf16_widget()
     mirror_selections("class", "expert", "layer")
     return resolve_ref(ref)
 
@@ -271,6 +272,24 @@ def _max_images_widget() -> None:
     st.sidebar.number_input(
         "Test images analysed", min_value=100, max_value=20000, step=500, key="w_max_images", on_change=changed,
         help="Analyses use the first N images of a fixed shuffle of the test split; fewer is faster.")
+
+
+def _bf16_widget() -> None:
+    """Sidebar setting: run analysis passes under bf16 autocast (shared by every page)."""
+    st.session_state["w_bf16"] = analysis_bf16()
+
+    def changed():
+        st.session_state["cfg_bf16"] = bool(st.session_state["w_bf16"])
+
+    st.sidebar.toggle("Fast analysis (bf16)", key="w_bf16", on_change=changed,
+                      help="Run the analysis passes under bf16 autocast: about 2× faster on CPUs with bf16 "
+                           "support, but a few near-tied router decisions or predictions may flip. "
+                           "Routers always run in fp32.")
+
+
+def analysis_bf16() -> bool:
+    """Whether analysis passes run under bf16 autocast (the sidebar setting; off by default)."""
+    return bool(st.session_state.get("cfg_bf16", False))
 
 
 def max_images() -> int:
@@ -484,7 +503,7 @@ def read_uploaded_image(data: bytes, image_shape: Sequence[int]):
 __all__ = [
     "md", "need", "selection", "set_selection", "linked_selectbox", "mirror_selections",
     "checkpoint_picker", "available_checkpoints", "refresh_checkpoints", "checkpoint_hash", "weights_hash", "ckpt_ref", "resolve_ref",
-    "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset", "dataset_or_none",
+    "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset", "dataset_or_none", "analysis_bf16",
     "max_images",
     "DEFAULT_MAX_IMAGES", "read_uploaded_image", "MAX_UPLOAD_BYTES", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
 ]

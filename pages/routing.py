@@ -9,13 +9,13 @@ from analysis import routing as R
 from analysis.ablation import expert_ablation, impact_figure, impact_matrix
 from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_figure, embedding_frame
-from pages.common import (checkpoint_hash, checkpoint_picker, eval_subset, linked_selectbox, load_model, md, need,
-                          open_checkpoint, forget_on_checkpoint_change)
+from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, eval_subset, forget_on_checkpoint_change,
+                          linked_selectbox, load_model, md, need, open_checkpoint)
 
 
 @st.cache_data(show_spinner="Routing the test images…", max_entries=24)
 def routing_analysis(digest: str, n: int, top_k: int, capacity_ratio, bpr, disabled: tuple,
-                     max_share: float, _path, _ds, _card) -> dict:
+                     max_share: float, bf16: bool, _path, _ds, _card) -> dict:
     """One pass of a private copy of the model at these settings, and every statistic of it."""
     from workbench.flops import count_macs
 
@@ -24,26 +24,27 @@ def routing_analysis(digest: str, n: int, top_k: int, capacity_ratio, bpr, disab
     with routing_overrides(model, top_k=top_k, eval_capacity_ratio=capacity_ratio, batch_priority=bpr,
                            disabled_experts=list(disabled)):
         summary = collect_routing(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
-                                  classes=_card.get("classes"), superclass_names=sc.get("names"))
+                                  classes=_card.get("classes"), superclass_names=sc.get("names"), bf16=bf16)
         macs = count_macs(model, _ds.image_shape, routing=summary.to_records())
     report = R.routing_report(summary, max_share=max_share)
     return {"summary": summary, "report": report, "macs": macs, "accuracy": summary.accuracy}
 
 
 @st.cache_data(show_spinner="Comparing BPR with vanilla priority…", max_entries=16)
-def bpr_comparison(digest: str, n: int, top_k: int, capacity_ratio: float, disabled: tuple, _path, _ds):
+def bpr_comparison(digest: str, n: int, top_k: int, capacity_ratio: float, disabled: tuple, bf16: bool, _path, _ds):
     model = copy.deepcopy(load_model(_path))
     with routing_overrides(model, top_k=top_k, disabled_experts=list(disabled)):
         return R.compare_batch_priority(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
-                                        eval_capacity_ratio=capacity_ratio)
+                                        eval_capacity_ratio=capacity_ratio, bf16=bf16)
 
 
 @st.cache_data(show_spinner="Disabling each expert in turn…", max_entries=16)
-def ablation(digest: str, n: int, top_k: int, capacity_ratio, bpr, disabled: tuple, _path, _ds, _classes):
+def ablation(digest: str, n: int, top_k: int, capacity_ratio, bpr, disabled: tuple, bf16: bool, _path, _ds,
+             _classes):
     model = copy.deepcopy(load_model(_path))
     with routing_overrides(model, top_k=top_k, eval_capacity_ratio=capacity_ratio, batch_priority=bpr,
                            disabled_experts=list(disabled)):
-        return expert_ablation(model, _ds.images, _ds.labels, _ds.mean, _ds.std, classes=_classes)
+        return expert_ablation(model, _ds.images, _ds.labels, _ds.mean, _ds.std, classes=_classes, bf16=bf16)
 
 
 @st.cache_data(show_spinner="Computing the 2-D embedding (UMAP)…", max_entries=16)
@@ -86,7 +87,7 @@ with st.sidebar.expander("Inference-time routing", expanded=True):
 
 need(len(disabled) < E, "Leave at least one expert enabled.")
 res = routing_analysis(checkpoint_hash(path), len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled)),
-                       float(max_share), path, ds, card)
+                       float(max_share), analysis_bf16(), path, ds, card)
 summary, report = res["summary"], res["report"]
 layers = summary.layer_indices
 classes = summary.class_names()
@@ -150,7 +151,7 @@ if family == "vmoe":
                                      colorbar="drop rate"), key="drops")
     if st.toggle("Compare BPR with vanilla (runs the model twice)"):
         st.dataframe(bpr_comparison(checkpoint_hash(path), len(ds), int(top_k), float(capacity_ratio),
-                                    tuple(sorted(disabled)), path, ds).round(4), hide_index=True)
+                                    tuple(sorted(disabled)), analysis_bf16(), path, ds).round(4), hide_index=True)
 else:
     st.caption("Per-image routing has no capacity: every image runs its chosen experts, nothing is dropped.")
 
@@ -175,8 +176,8 @@ if enabled_left - 1 < top_k:
     st.caption(f"Disabling one more expert would leave fewer than k = {top_k} experts.")
 elif st.toggle("Disable each expert in turn (one pass per expert)",
                help="Per-class accuracy change when an expert is switched off; the router renormalises."):
-    abl = ablation(checkpoint_hash(path), len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled)), path, ds,
-                   classes)
+    abl = ablation(checkpoint_hash(path), len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled)),
+                   analysis_bf16(), path, ds, classes)
     st.plotly_chart(impact_figure(impact_matrix(abl)), key="ablation")
     overall = abl[abl["class"] == "all"][["expert", "base_accuracy", "ablated_accuracy", "delta", "changed"]]
     st.dataframe(overall.round(4), hide_index=True)

@@ -5,8 +5,8 @@ import streamlit as st
 
 from analysis.tradeoff import (checkpoint_table, moe_gains, pareto_frontier, sweep_figure, sweep_routing,
                                tradeoff_figure)
-from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, ckpt_ref, dataset_or_none,
-                          eval_subset, load_model, max_images, need, open_checkpoint)
+from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, ckpt_ref,
+                          dataset_or_none, eval_subset, load_model, max_images, need, open_checkpoint)
 
 
 @st.cache_data(show_spinner="Reading checkpoint cards…", max_entries=16)
@@ -16,10 +16,10 @@ def table(keys: tuple, n: int):
 
 
 @st.cache_data(show_spinner="Sweeping k and capacity (re-running the model for each setting)…", max_entries=32)
-def sweep(digest: str, n: int, ratios: tuple, _path, _ds):
+def sweep(digest: str, n: int, ratios: tuple, bf16: bool, _path, _ds):
     model = copy.deepcopy(load_model(_path))
     return sweep_routing(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
-                         capacity_ratios=list(ratios) if ratios else None)
+                         capacity_ratios=list(ratios) if ratios else None, bf16=bf16)
 
 
 st.title("Accuracy vs MACs")
@@ -82,7 +82,7 @@ need(run, "Switch on **Run the sweep** to measure accuracy and MACs at every k"
      + (" and capacity ratio" if ratios else "") + ".")
 ds = eval_subset(card, n_sweep)
 need(ds is not None, "The sweep needs the test images (see the warning above).")
-result = sweep(checkpoint_hash(path), len(ds), ratios, path, ds)
+result = sweep(checkpoint_hash(path), len(ds), ratios, analysis_bf16(), path, ds)
 st.plotly_chart(sweep_figure(result, title=f"{path.name}: accuracy vs active MACs"), key="sweep")
 st.dataframe(result, hide_index=True,
              column_config={"accuracy": st.column_config.NumberColumn(format="percent"),

@@ -40,7 +40,7 @@ def superclass_choice(family: str, dataset: str):
     """The super-class map widgets (per-image models only) -> (map | "reference" | None, its group count)."""
     if family != "mvmoe":
         return None, None
-    page_map = st.session_state.get("superclass_map")
+    page_map = st.session_state.get(common.SUPERCLASS_MAP_KEY)
     options = [SC_NONE] + ([SC_PAGE] if isinstance(page_map, dict) else []) + [SC_FILE, SC_REF]
     choice = st.radio("Router targets (super-classes)", options, key="tr_sc",
                       help="Mobile V-MoE trains the router to predict each image's super-class "
@@ -171,7 +171,7 @@ def loss_figure(train) -> go.Figure:
 def accuracy_figure(train, evals) -> go.Figure:
     fig = go.Figure()
     if "train_accuracy" in train:
-        fig.add_scatter(x=train["step"], y=100 * train["train_accuracy"], mode="lines", name="train (batch)")
+        fig.add_scatter(x=train["step"], y=100 * train["train_accuracy"], mode="lines+markers", name="train (batch)")
     if "test_accuracy" in evals:
         fig.add_scatter(x=evals["step"], y=100 * evals["test_accuracy"], mode="lines+markers", name="test",
                         marker=dict(size=10), text=[f"epoch {e}" for e in evals["epoch"]])
@@ -259,9 +259,7 @@ def jobs_panel() -> None:
     st.session_state["tr_seen_states"] = states
     if seen is not None and any(seen.get(n) == "running" and s != "running" for n, s in states.items()):
         # a run just ended: rerun the whole page so the sidebar picker lists its checkpoint
-        refresh = getattr(common, "refresh_checkpoints", None) or getattr(common._available, "clear", None)
-        if refresh:
-            refresh()
+        common.refresh_checkpoints()
         st.rerun(scope="app")
     if not rows:
         st.info(f"No runs yet in `{paths.runs_dir()}`. Start one above: a synthetic run with "

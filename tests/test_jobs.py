@@ -352,3 +352,30 @@ def test_a_finished_run_is_offered_in_the_checkpoint_picker(runs, no_samples):
     assert any("done-run" in s.value and "75.00%" in s.value for s in at.success)
     picker = at.sidebar.selectbox(key="w_ckpt")
     assert any("done-run" in o for o in picker.options), picker.options
+
+
+def test_the_super_class_map_from_the_super_classes_page_sets_E_and_goes_to_the_run(runs, no_samples):
+    from streamlit.testing.v1 import AppTest
+
+    from workbench.data import load_dataset
+
+    ds = load_dataset("synthetic", "test")
+    groups = [int(g) for g in ds.reference_groups]
+    mapping = {"dataset": "synthetic", "method": "spectral", "num_groups": max(groups) + 1,
+               "classes": dict(zip(ds.classes, groups)), "groups": [f"g{i}" for i in range(max(groups) + 1)]}
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "workbench" / "app.py"), default_timeout=60)
+    at.session_state["superclass_map"] = mapping
+    at.switch_page("../pages/train.py")
+    at.run()
+    at.radio(key="tr_sc").set_value("The map from the Super-classes page").run()
+    experts = at.number_input(key="tr_experts")
+    assert experts.value == mapping["num_groups"] and experts.disabled
+    at.number_input(key="tr_depth").set_value(2).run()
+    at.button(key="tr_start").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = next(p for p in runs.iterdir() if p.is_dir())
+    assert json.loads((run / "superclasses.json").read_text()) == mapping
+    command = json.loads((run / "job.json").read_text())["command"]
+    assert command[command.index("--model") + 1] == f"mvmoe-2x64-e{mapping['num_groups']}k1"
+    assert command[command.index("--superclasses") + 1] == str(run / "superclasses.json")
+    jobs.cancel(run, runs)

@@ -1,5 +1,6 @@
 """Overview: the selected checkpoint's model card and a diagram of its blocks."""
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -121,10 +122,12 @@ if history:
     st.subheader("Training history")
     hist = pd.DataFrame(history)
     x = "epoch" if "epoch" in hist else None
-    cols = [col for col in hist.columns if col != x and pd.api.types.is_numeric_dtype(hist[col])]
-    if cols:
-        import plotly.express as px
-        st.plotly_chart(px.line(hist, x=x, y=cols, markers=True))
+    numeric = [col for col in hist.columns if col != x and pd.api.types.is_numeric_dtype(hist[col])]
+    cols = st.columns(2)
+    for col, word in zip(cols, ("loss", "accuracy")):
+        ys = [c for c in numeric if word in c]
+        if ys:
+            col.plotly_chart(px.line(hist, x=x, y=ys, markers=True, title=word), key=f"history_{word}")
 
 with st.expander("Full card (JSON)"):
     st.json({k: v for k, v in card.items() if k not in ("confusion", "history")}, expanded=False)

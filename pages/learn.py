@@ -5,8 +5,8 @@ import torch
 
 from analysis.collect import collect_routing, routing_overrides
 from analysis.routing import drop_summary, spatial_expert_maps, spatial_map_figure
-from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, load_card,
-                          load_eval_data, load_model, md, need, open_checkpoint)
+from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, dataset_or_none, load_card,
+                          load_eval_data, load_model, md, need)
 
 st.title("Learn MoE")
 st.markdown("""
@@ -93,11 +93,11 @@ if token_path is not None:
     ds = load_eval_data(token_card)
 else:
     source_card = card or {"dataset": "synthetic"}
-    ds = load_eval_data(source_card)
-    need(ds is not None, "This example needs test images (see the warning above).")
+    ds = load_eval_data(source_card, quiet=True) or dataset_or_none("synthetic")  # synthetic is always there
+    need(ds is not None, "This example needs test images, and none could be loaded.")
     c, h, _ = ds.image_shape
     experts = 4
-    model, digest = fresh_model(ds.num_classes, h, c, experts), f"fresh-{source_card['dataset']}-{experts}"
+    model, digest = fresh_model(ds.num_classes, h, c, experts), f"fresh-{ds.name}-{experts}"
     st.caption(f"No per-token (V-MoE) checkpoint is available, so this example uses a **small freshly initialised** "
                f"`vmoe-4x64-e{experts}k1` model on {ds.name} images: its router is random, so which expert a patch "
                "chooses means nothing yet — but capacity and dropping work exactly as in a trained model.")

@@ -143,10 +143,16 @@ if start:
 
 if jobs.pipeline_available():
     with st.expander("Run the whole paper pipeline instead (dense baseline → confusion → super-classes → MoE)"):
-        p_dataset = st.selectbox("Dataset", ["synthetic", "fashion-mnist", "cifar10", "cifar100"], key="tr_pipe_ds")
+        st.caption("Trains a dense baseline, clusters its held-out confusion graph into super-classes and trains "
+                   "a Mobile V-MoE whose router predicts them; both checkpoints appear in the picker.")
+        q1, q2 = st.columns(2)
+        p_dataset = q1.selectbox("Dataset", ["synthetic", "fashion-mnist", "cifar10", "cifar100"], key="tr_pipe_ds")
+        p_epochs = q2.number_input("Epochs per model (0 = the pipeline's default)", 0, jobs.MAX_EPOCHS, 0,
+                                   key="tr_pipe_epochs")
         if st.button("Start pipeline", key="tr_pipe_start"):
             try:
-                run_dir = jobs.start_pipeline(jobs.PipelineOptions(dataset=p_dataset))
+                extra = ["--epochs", str(int(p_epochs))] if p_epochs else []
+                run_dir = jobs.start_pipeline(jobs.PipelineOptions(dataset=p_dataset, extra_args=extra))
             except ValueError as e:
                 st.error(f"Not started: {e}")
             else:

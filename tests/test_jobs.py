@@ -379,3 +379,18 @@ def test_the_super_class_map_from_the_super_classes_page_sets_E_and_goes_to_the_
     assert command[command.index("--model") + 1] == f"mvmoe-2x64-e{mapping['num_groups']}k1"
     assert command[command.index("--superclasses") + 1] == str(run / "superclasses.json")
     jobs.cancel(run, runs)
+
+
+def test_the_pipeline_starts_as_a_job_from_the_train_page(runs, no_samples, monkeypatch):
+    if not jobs.pipeline_available():
+        pytest.skip("workbench/pipeline.py is not there")
+    at = train_page(runs)
+    at.number_input(key="tr_pipe_epochs").set_value(1).run()
+    at.button(key="tr_pipe_start").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    row = jobs.list_jobs(runs)[0]
+    assert row["kind"] == "pipeline" and row["state"] in ("running", "finished")
+    assert row["command"][2:] == ["workbench.pipeline", "--dataset", "synthetic", "--out", row["run_dir"],
+                                  "--epochs", "1"]
+    jobs.cancel(row["run_dir"], runs)
+    assert jobs.job_state(row["run_dir"])[0] in ("cancelled", "finished")

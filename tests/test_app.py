@@ -145,8 +145,21 @@ def test_every_page_renders_for_every_family(app_env, page):
 
 
 def _shipped() -> list[str]:
+    """One shipped sample per kind (family, with/without super-classes): the smallest, to keep the file fast."""
+    from workbench.checkpoint import list_checkpoints, read_card
+
     root = ROOT / "sample_checkpoints"
-    return _refs(root) if root.is_dir() else []
+    best: dict = {}
+    for path in list_checkpoints(root) if root.is_dir() else []:
+        try:
+            card = read_card(path)
+        except ValueError:
+            continue
+        kind = (card["config"].get("family"), bool(card.get("superclasses")))
+        size = (path / "model.safetensors").stat().st_size
+        if kind not in best or size < best[kind][0]:
+            best[kind] = (size, f"samples/{path.relative_to(root).as_posix()}")
+    return sorted(ref for _, ref in best.values())
 
 
 @pytest.mark.skipif(not _shipped(), reason="no shipped sample checkpoints yet")

@@ -1,0 +1,140 @@
+"""Render time of every app page, cold and warm, with the largest sample checkpoint.
+
+    python benchmarks/app_render.py [--checkpoint DIR] [--repeats 3]
+
+Measured with streamlit's AppTest (in-process, no browser; charts are
+serialised but not drawn):
+- cold: a fresh AppTest session after `st.cache_data.clear()` and
+  `st.cache_resource.clear()`, so models, datasets and analyses are loaded and
+  computed again (Python modules stay imported: the first page's time also
+  shows import cost, and is listed separately);
+- warm: the same session run again (median of --repeats), i.e. what a user
+  waits for after touching a widget that changes nothing expensive.
+Targets (issue 6): warm <= 1 s, cold <= 5 s per page on this machine.
+Prints a markdown table; exits non-zero if any page raised.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+APP = str(ROOT / "workbench" / "app.py")
+COLD_TARGET, WARM_TARGET = 5.0, 1.0
+
+
+def app_pages() -> list[tuple[str, str]]:
+    """(title, path relative to workbench/app.py) of every st.Page declared in the app."""
+    import ast
+
+    pages = []
+    for node in ast.walk(ast.parse(Path(APP).read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "Page" and node.args:
+            path = node.args[0].value
+            title = next((k.value.value for k in node.keywords if k.arg == "title"), Path(path).stem)
+            pages.append((title, path))
+    return pages
+
+
+def largest_sample() -> Path:
+    from workbench.checkpoint import list_checkpoints, read_card
+    from workbench.paths import samples_dir
+
+    found = []
+    for path in list_checkpoints(samples_dir()):
+        try:
+            card = read_card(path)
+        except ValueError:
+            continue
+        found.append(((card.get("params") or {}).get("total") or 0, (path / "model.safetensors").stat().st_size, path))
+    if not found:
+        sys.exit(f"no sample checkpoints in {samples_dir()}; pass --checkpoint DIR or set WORKBENCH_SAMPLES")
+    return max(found)[2]
+
+
+def render(at) -> tuple[float, float, list[str]]:
+    """-> (wall seconds, process CPU seconds, problems). CPU time (all threads) shows the work done
+    independently of other load on the machine; on an idle 2-core machine wall >= CPU / 2."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    at.run()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    problems = [e.message for e in at.exception] + [f"st.error: {e.value}" for e in at.error]
+    return dt, cpu, problems
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", help="checkpoint folder (default: the largest under the samples folder)")
+    ap.add_argument("--repeats", type=int, default=3, help="warm runs per page (median reported)")
+    ap.add_argument("--timeout", type=float, default=300, help="AppTest timeout per run, seconds")
+    args = ap.parse_args()
+
+    if args.checkpoint:  # the app only opens checkpoints under the samples/runs folders
+        ckpt = Path(args.checkpoint).resolve()
+        os.environ["WORKBENCH_SAMPLES"] = str(ckpt.parent)
+    else:
+        ckpt = largest_sample()
+    # the Train page lists runs: give it an empty runs folder, so the user's runs do not count
+    os.environ.setdefault("WORKBENCH_RUNS", tempfile.mkdtemp(prefix="bench-runs-"))
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from pages.common import CKPT_KEY, ckpt_ref
+    from workbench.checkpoint import read_card
+
+    card = read_card(ckpt)
+    ref = ckpt_ref(ckpt)
+    print(f"checkpoint: {ref} ({card.get('preset')}, {(card.get('params') or {}).get('total', 0) / 1e6:.2f}M params, "
+          f"dataset {card.get('dataset')}); {os.cpu_count()} CPU(s)\n")
+
+    rows, failed = [], False
+    t_first = None
+    for title, page in app_pages():
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(APP, default_timeout=args.timeout)
+        at.session_state[CKPT_KEY] = ref
+        at.switch_page(page)
+        cold, cold_cpu, problems = render(at)
+        if t_first is None:
+            t_first = cold
+            # modules are imported on this first run; measure it again cold, with imports done
+            st.cache_data.clear()
+            st.cache_resource.clear()
+            at = AppTest.from_file(APP, default_timeout=args.timeout)
+            at.session_state[CKPT_KEY] = ref
+            at.switch_page(page)
+            cold, cold_cpu, problems = render(at)
+        warm_times = []
+        for _ in range(args.repeats):
+            dt, _, more = render(at)
+            warm_times.append(dt)
+            problems += more
+        warm = statistics.median(warm_times)
+        failed |= bool(problems)
+        rows.append((title, cold, cold_cpu, warm, problems))
+        print(f"  {title}: cold {cold:.2f} s ({cold_cpu:.2f} s CPU), warm {warm:.2f} s"
+              + (f"  PROBLEMS: {problems[:2]}" if problems else ""), file=sys.stderr, flush=True)
+
+    print("| page | cold (s) | cold CPU (s) | warm (s) | cold ≤ 5 s | warm ≤ 1 s | notes |")
+    print("|---|---:|---:|---:|:-:|:-:|---|")
+    for title, cold, cold_cpu, warm, problems in rows:
+        note = "; ".join(p.replace("\n", " ")[:120] for p in problems[:2])
+        print(f"| {title} | {cold:.2f} | {cold_cpu:.2f} | {warm:.2f} | {'✓' if cold <= COLD_TARGET else '✗'} | "
+              f"{'✓' if warm <= WARM_TARGET else '✗'} | {note} |")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nFirst page including module imports (torch, plotly, …): {t_first:.2f} s. "
+          f"Load average at the end: {load:.1f} on {os.cpu_count()} CPU(s) (wall times grow with other load).")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

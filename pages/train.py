@@ -222,10 +222,14 @@ def show_job(row: dict) -> None:
         c1.info(f"**{row['name']}** is running ({row['elapsed']} so far"
                 + (f", step {row['step']}" if row["step"] is not None else "") + "). Curves update every 2 s.")
         if c2.button("Cancel run", key="tr_cancel", type="secondary"):
-            with st.spinner("Stopping…"):
-                final = jobs.cancel(row["name"])
-            st.toast(f"{row['name']}: {final}")
-            st.rerun(scope="app")
+            try:
+                with st.spinner("Stopping…"):
+                    final = jobs.cancel(row["name"])
+            except ValueError as e:  # the run folder was deleted or moved meanwhile
+                st.warning(f"Cannot cancel {row['name']}: {e}")
+            else:
+                st.toast(f"{row['name']}: {final}")
+                st.rerun(scope="app")
     elif state == "failed":
         st.error(f"**{row['name']}** failed: {row['error'] or 'no error message was recorded'}")
         with st.expander("Last lines of the log"):

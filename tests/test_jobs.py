@@ -394,3 +394,12 @@ def test_the_pipeline_starts_as_a_job_from_the_train_page(runs, no_samples, monk
                                   "--epochs", "1"]
     jobs.cancel(row["run_dir"], runs)
     assert jobs.job_state(row["run_dir"])[0] in ("cancelled", "finished")
+
+
+def test_the_cancel_button_stops_the_selected_run(runs, no_samples):
+    run = jobs.start_command(sleeper(), "long", root=runs)
+    at = train_page(runs)
+    at.button(key="tr_cancel").click().run()
+    assert not at.exception
+    assert jobs.job_state(run)[0] == "cancelled"
+    assert any("long" in w.value and "cancelled" in w.value for w in at.warning)

@@ -7,21 +7,27 @@ Why a detached subprocess and files, not a thread:
   tab or even a restarted app server does not stop it, and the UI stays
   responsive.
 - Everything the app knows about a job is read from its run directory:
-  `job.json` (written here: command, pid, start time, kind, cancel mark),
-  `status.json` (written by the job: running / finished / failed + error),
-  `metrics.jsonl` (appended by the job) and `log.txt` (its stdout + stderr).
+  `job.json`     written here: command, pid, start time, kind, options, cancel mark
+  `exit.json`    written by the job's supervisor (`supervise`) when the command ends:
+                 its exit code, readable by any later app process
+  `status.json`  written by train.py: running / finished / failed / stopped + error
+  `metrics.jsonl` appended by train.py (a pipeline: by each stage, in dense/, moe/, ...)
+  `log.txt`      the job's stdout + stderr
   Any app process can list, follow and cancel any job.
 
-State of a job (`job_state`):
-  cancelled  job.json carries a cancel mark (set by `cancel`), unless the job finished first
-  finished   status.json says finished
-  failed     status.json says failed, or the process is gone while status says running
-             ("process exited unexpectedly"), or the process never wrote a status
-  running    the process is alive (same pid *and* same start time, so a reused pid is not
-             mistaken for the job)
+State of a job (`job_state`), first match wins:
+  finished   status.json says finished (or, without a status, the exit code is 0)
+  cancelled  job.json carries the cancel mark (set by `cancel`), or status says stopped
+  failed     status.json says failed (its error), or the process is gone without finishing:
+             "process exited unexpectedly" + exit code/signal + the log's error line
+  running    the supervisor is alive (same pid *and* same start time, so a reused pid is
+             not mistaken for the job)
 
 Options are validated before anything starts (`TrainOptions.validate`), so a bad
-preset or epoch count is a clear `ValueError` in the form, not a crashed subprocess.
+preset, epoch count, missing dataset or mismatched super-class map is a clear
+`ValueError` in the form, not a crashed subprocess. At most `max_jobs()` jobs
+run at once (env WORKBENCH_MAX_JOBS, default 1); the check and the start hold a
+file lock, so two browser tabs cannot both slip under the limit.
 """
 from __future__ import annotations
 

@@ -1,0 +1,356 @@
+"""The Mobile V-MoE procedure end to end (Daxberger et al. 2023, §2.2 and §3).
+
+    python -m workbench.pipeline --dataset synthetic --out runs/pipeline-synthetic
+
+1. dense/            train the dense baseline on the training split minus a held-out part
+2. confusion.json    its confusion matrix on the held-out part
+3. superclasses.json cluster the confusion graph into exactly E super-classes
+   clustering.json   every method's quality (within-group confusion, balance, ARI/NMI)
+4. moe/              train the per-image MoE whose router predicts the super-class
+5. evaluation.json   both models on the test split (accuracy, MACs, params, router accuracy)
+6. report.md/.json   and one row per model appended to the results CSV
+
+Each stage writes its artefact in the run directory and is skipped when the
+artefact exists, so a killed pipeline resumes where it stopped (an unfinished
+training stage resumes from its last saved state).
+`--grid samples` runs the sample-checkpoint grid of sample_checkpoints/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_DENSE = {"synthetic": "vit-4x64"}
+DEFAULT_EPOCHS = {"synthetic": 12}
+
+
+def default_num_groups(num_classes: int) -> int:
+    """E = ceil(sqrt(classes)) clamped to 2..10: 4 for 10-16 classes, 10 for 100+ (the paper's best E)."""
+    return int(min(10, max(2, math.ceil(math.sqrt(num_classes)))))
+
+
+def moe_preset(dense: str, num_groups: int, top_k: int = 1, family: str = "mvmoe") -> str:
+    from .models.config import parse_preset
+
+    shape = parse_preset(dense)
+    if shape["family"] != "vit":
+        raise ValueError(f"--dense must be a dense preset (vit-<L>x<D>), got {dense!r}")
+    return f"{family}-{shape['depth']}x{shape['width']}-e{num_groups}k{top_k}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workbench.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, cifar100, imagefolder:PATH, synthetic")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (stages already there are skipped)")
+    p.add_argument("--dense", default=None, metavar="PRESET", help="dense baseline (default vit-6x96; vit-4x64 on synthetic)")
+    p.add_argument("--num-groups", "-E", type=int, default=None,
+                   help="super-classes = experts (default ceil(sqrt(classes)) in 2..10)")
+    p.add_argument("--top-k", type=int, default=1, help="experts per image")
+    p.add_argument("--method", default="spectral", help="graph clustering method (see analysis.superclasses.METHODS)")
+    p.add_argument("--router-weight", type=float, default=0.3, help="lambda in L = L_cls + lambda * L_router")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of the training split held out for the confusion matrix")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for each model (default 10; 12 on synthetic)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e]",
+                   help="also train this preset with the same recipe (e.g. vmoe-6x96-e8k2, or "
+                        "mvmoe-6x96-e4k1:e2e for an end-to-end router without super-classes)")
+    p.add_argument("--results", default=None, metavar="CSV", help="results CSV to append to (default OUT/results.csv)")
+    p.add_argument("--grid", choices=("samples",), default=None, help="run the sample-checkpoint grid into OUT/<size>/")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _say(args, msg: str) -> None:
+    if not args.quiet:
+        print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+def _train_stage(args, run_dir: Path, preset: str, extra: Sequence[str] = ()) -> dict:
+    """Train one model into run_dir, resuming an unfinished run; skip a finished one."""
+    from .checkpoint import read_card
+    from .train import train
+
+    status = run_dir / "status.json"
+    if status.exists() and json.loads(status.read_text()).get("state") == "finished":
+        _say(args, f"{run_dir.name}: finished earlier, skipped")
+        return read_card(run_dir)
+    argv = ["--model", preset, "--dataset", args.dataset, "--out", str(run_dir), "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--holdout", str(args.holdout),
+            "--precision", args.precision, "--seed", str(args.seed), *extra]
+    if args.data_root:
+        argv += ["--data-root", args.data_root]
+    if args.quiet:
+        argv.append("--quiet")
+    if (run_dir / "train_state.safetensors").exists():
+        argv.append("--resume")
+        _say(args, f"{run_dir.name}: resuming {preset}")
+    else:
+        _say(args, f"{run_dir.name}: training {preset} for {args.epochs} epochs")
+    return train(argv)["card"]
+
+
+def _write_json(path: Path, obj) -> None:
+    from .checkpoint import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def _patch_card(run_dir: Path, **fields) -> None:
+    """Add pipeline artefacts (held-out confusion, discovered super-classes) to a checkpoint card."""
+    from .checkpoint import read_card
+
+    card = read_card(run_dir)
+    card.update(fields)
+    _write_json(run_dir / "card.json", card)
+
+
+def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -> dict:
+    """Test accuracy, MACs/params and, for per-image routers, accuracy against the super-classes."""
+    from analysis.collect import collect_routing
+    from analysis.routing import router_superclass_accuracy
+
+    from .checkpoint import load_checkpoint
+    from .flops import count_macs
+
+    model, card = load_checkpoint(run_dir)
+    summary = collect_routing(model, test_set.images, test_set.labels, test_set.mean, test_set.std,
+                              batch_size=512, superclasses=superclasses)
+    macs = count_macs(model, test_set.image_shape, routing=summary.to_records() if model.cfg.family == "vmoe" else None)
+    row = {"test_accuracy": float(summary.accuracy), "macs_active": macs["active"], "macs_dense": macs["dense"],
+           "params_active": macs["params_active"], "params_total": macs["params_total"],
+           "router_superclass_accuracy": None}
+    if model.cfg.family == "mvmoe" and superclasses is not None:
+        table = router_superclass_accuracy(summary, superclasses)
+        row["router_superclass_accuracy"] = float(table["accuracy"].iloc[0])
+    return row
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run (or resume) every stage into args.out; returns the report dict."""
+    import numpy as np
+
+    from analysis.confusion import confusion_matrix, normalize_rows, predict
+    from analysis.superclasses import (cluster_superclasses, clustering_quality, compare_methods,
+                                       group_names, load_superclass_map, save_superclass_map, superclass_map)
+
+    from .checkpoint import load_checkpoint, read_card
+    from .data import heldout_split, load_dataset
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_set = load_dataset(args.dataset, "train", root=args.data_root)
+    test_set = load_dataset(args.dataset, "test", root=args.data_root)
+    classes = list(train_set.classes)
+    E = args.num_groups or default_num_groups(len(classes))
+    if not 2 <= E <= len(classes):
+        raise ValueError(f"--num-groups must be in 2..{len(classes)} for {len(classes)} classes, got {E}")
+    dense = args.dense or DEFAULT_DENSE.get(args.dataset, "vit-6x96")
+    moe = moe_preset(dense, E, args.top_k)
+    args.epochs = args.epochs or DEFAULT_EPOCHS.get(args.dataset, 10)
+    _say(args, f"{args.dataset}: {len(classes)} classes, dense {dense}, MoE {moe}, {args.method} clustering -> {out}")
+
+    # 1. dense baseline on train minus held-out
+    _train_stage(args, out / "dense", dense)
+
+    # 2. held-out confusion
+    confusion_path = out / "confusion.json"
+    if not confusion_path.exists():
+        model, _ = load_checkpoint(out / "dense")
+        _, held = heldout_split(len(train_set), args.holdout, seed=args.seed)
+        held_set = train_set.subset(held)
+        preds, _ = predict(model, held_set.images, held_set.mean, held_set.std)
+        cm = confusion_matrix(held_set.labels.numpy(), preds.numpy(), len(classes))
+        _write_json(confusion_path, {"split": "heldout", "holdout": args.holdout, "seed": args.seed,
+                                     "classes": classes, "matrix": cm.tolist(),
+                                     "accuracy": float(np.trace(cm) / cm.sum())})
+    confusion = json.loads(confusion_path.read_text())
+    cm = np.asarray(confusion["matrix"])
+    _say(args, f"held-out accuracy of the dense baseline: {100 * confusion['accuracy']:.2f}%")
+
+    # 3. super-classes
+    map_path = out / "superclasses.json"
+    reference = train_set.reference_groups
+    if not map_path.exists():
+        assignment = cluster_superclasses(cm, E, method=args.method, seed=args.seed)
+        table = compare_methods(cm, E, reference=reference, seed=args.seed)
+        chosen = clustering_quality(cm, assignment, reference=reference)
+        _write_json(out / "clustering.json", {
+            "method": args.method, "num_groups": E, "quality": _jsonable(chosen),
+            "reference_source": train_set.reference_source,
+            "methods": _jsonable(table.drop(columns=["assignment"], errors="ignore").to_dict(orient="records")),
+        })
+        save_superclass_map(map_path, superclass_map(assignment, classes, args.dataset, args.method))
+    assignment = load_superclass_map(map_path, classes)
+    names = group_names(np.asarray(assignment), classes)
+    clustering = json.loads((out / "clustering.json").read_text())
+    quality = clustering["quality"]
+    sc_card = {"assignment": assignment, "names": names, "method": args.method}
+    for g, name in enumerate(names):
+        _say(args, f"super-class {g}: {name}")
+
+    # 4. MoE with the super-class router loss (+ optional extra models, same recipe)
+    moe_argv = ["--superclasses", str(map_path), "--set", f"superclass_loss_weight={args.router_weight}"]
+    runs = {"dense": (dense, []), "moe": (moe, moe_argv)}
+    for spec in args.extra:
+        preset, _, mode = spec.partition(":")
+        if mode not in ("", "e2e"):
+            raise ValueError(f"--extra {spec!r}: the only mode is ':e2e'")
+        name = preset + ("-e2e" if mode else "")
+        if preset.startswith("mvmoe") and not mode:
+            runs[name] = (preset, moe_argv)
+        else:
+            runs[name] = (preset, [])
+    for name, (preset, extra) in runs.items():
+        _train_stage(args, out / name, preset, extra)
+        _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
+                                           "holdout": args.holdout},
+                    **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
+
+    # 5. evaluation on the test split
+    evaluation = {}
+    for name in runs:
+        evaluation[name] = evaluate_checkpoint(out / name, test_set, assignment)
+    _write_json(out / "evaluation.json", evaluation)
+
+    # 6. results rows and report
+    wall = round(time.time() - t0, 1)
+    rows = []
+    for name, (preset, _) in runs.items():
+        card = read_card(out / name)
+        cfg = card["config"]
+        rows.append({
+            "dataset": args.dataset, "model": name, "preset": preset, "family": cfg["family"],
+            "E": cfg["num_experts"] or "", "k": cfg["top_k"] if cfg["num_experts"] else "",
+            "router": ("superclass" if cfg.get("superclasses") else "end-to-end") if cfg["family"] == "mvmoe"
+            else ("per-token" if cfg["family"] == "vmoe" else ""),
+            "test_accuracy": round(evaluation[name]["test_accuracy"], 5),
+            "macs_active": int(evaluation[name]["macs_active"]),
+            "params_active": evaluation[name]["params_active"], "params_total": evaluation[name]["params_total"],
+            "router_superclass_accuracy": _round(evaluation[name]["router_superclass_accuracy"]),
+            "train_wall_time_s": card.get("wall_time_s"), "epochs": args.epochs,
+            "clustering": args.method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
+            "run_dir": str(out / name),
+        })
+    results = Path(args.results) if args.results else out / "results.csv"
+    _append_rows(results, rows)
+    report = {
+        "dataset": args.dataset, "classes": classes, "num_groups": E, "method": args.method,
+        "superclasses": {"assignment": assignment, "names": names},
+        "heldout_accuracy_dense": confusion["accuracy"], "clustering": clustering,
+        "ari": quality.get("ari"), "nmi": quality.get("nmi"),
+        "rows": rows, "pipeline_wall_time_s": wall,
+        "command": getattr(args, "command", None),
+    }
+    _write_json(out / "report.json", report)
+    (out / "report.md").write_text(_markdown(report))
+    _say(args, f"done in {wall:.0f} s: " + ", ".join(f"{r['model']} {100 * r['test_accuracy']:.2f}%" for r in rows))
+    return report
+
+
+def _round(x, n: int = 4):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), n)
+
+
+def _jsonable(obj):
+    """numpy scalars/arrays and NaN -> plain JSON values."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def _append_rows(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def _markdown(r: dict) -> str:
+    q = r["clustering"]["quality"]
+    lines = [
+        f"# Pipeline report: {r['dataset']}", "",
+        f"Dense baseline held-out accuracy: {100 * r['heldout_accuracy_dense']:.2f}%  ",
+        f"Super-classes: E = {r['num_groups']} by `{r['method']}` clustering of the held-out confusion graph  ",
+        f"Within-group share of confusion: {100 * q['within_share']:.1f}% (counts), balance {q['balance']:.2f}, "
+        f"modularity {q['modularity'] if q['modularity'] is None else round(q['modularity'], 3)}"
+        + (f", ARI {r['ari']:.3f}, NMI {r['nmi']:.3f} vs {r['clustering'].get('reference_source')}"
+           if r.get("ari") is not None else ""), "",
+        "| super-class | classes |", "|---|---|",
+    ]
+    for g, name in enumerate(r["superclasses"]["names"]):
+        members = [c for c, a in zip(r["classes"], r["superclasses"]["assignment"]) if a == g]
+        lines.append(f"| {g} | {', '.join(members)} |")
+    lines += ["", "| model | preset | test accuracy | MACs/img | active / total params | router acc. vs super-class |",
+              "|---|---|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        ra = row["router_superclass_accuracy"]
+        lines.append(f"| {row['model']} | {row['preset']} | {100 * row['test_accuracy']:.2f}% | "
+                     f"{row['macs_active'] / 1e6:.1f} M | {row['params_active'] / 1e6:.2f} M / "
+                     f"{row['params_total'] / 1e6:.2f} M | {'' if ra is None else f'{100 * ra:.1f}%'} |")
+    lines += ["", "Clustering methods on the same graph:", "",
+              "| method | within share | balance | modularity | ARI | NMI |", "|---|---:|---:|---:|---:|---:|"]
+    for m in r["clustering"]["methods"]:
+        fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {m.get('method')} | {fmt(m.get('within_share'))} | {fmt(m.get('balance'))} | "
+                     f"{fmt(m.get('modularity'))} | {fmt(m.get('ari'))} | {fmt(m.get('nmi'))} |")
+    lines += ["", f"Wall time: {r['pipeline_wall_time_s']:.0f} s", ""]
+    return "\n".join(lines)
+
+
+SAMPLE_GRID = {
+    # size: (dense preset, extra models at this size)
+    "6x64": ("vit-6x64", []),
+    "6x96": ("vit-6x96", ["vmoe-6x96-e8k2", "mvmoe-6x96-e4k1:e2e"]),
+    "9x96": ("vit-9x96", []),
+}
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    """The sample-checkpoint grid: one pipeline per size into OUT/<size>/, one results CSV."""
+    base = Path(args.out)
+    results = args.results or str(base / "results.csv")
+    for size, (dense, extras) in SAMPLE_GRID.items():
+        sub = argparse.Namespace(**{**vars(args), "out": str(base / size), "dense": dense,
+                                    "extra": list(args.extra) + extras, "results": results, "grid": None})
+        run(sub)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command = "python -m workbench.pipeline " + " ".join(argv)
+    try:
+        run_grid(args) if args.grid else run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

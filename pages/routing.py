@@ -95,7 +95,7 @@ classes = summary.class_names()
 acc = (card.get("metrics") or {}).get("test_accuracy")
 m = st.columns(4)
 m[0].metric(f"Accuracy on {len(ds)} test images", f"{res['accuracy']:.2%}",
-            delta=f"{100 * (res['accuracy'] - acc):+.2f} pts vs card" if isinstance(acc, (int, float)) else None)
+            delta=f"{100 * (res['accuracy'] - acc):+.2f} pts vs the card (full test split)" if isinstance(acc, (int, float)) else None)
 m[1].metric("MACs per image (at these settings)", f"{res['macs']['active'] / 1e6:.2f} M")
 m[2].metric("Params active", f"{res['macs']['params_active'] / 1e6:.3f} M")
 flag_row = report["balance"].iloc[-1]

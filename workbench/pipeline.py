@@ -168,11 +168,13 @@ def run(args: argparse.Namespace) -> dict:
     confusion_path = out / "confusion.json"
     if not confusion_path.exists():
         model, _ = load_checkpoint(out / "dense")
-        _, held = heldout_split(len(train_set), args.holdout, seed=args.seed)
+        # NOTE: the same split as workbench.train --holdout (split seed 0, whatever --seed is),
+        # so the confusion is measured on images the baseline never trained on.
+        _, held = heldout_split(len(train_set), args.holdout)
         held_set = train_set.subset(held)
         preds, _ = predict(model, held_set.images, held_set.mean, held_set.std)
         cm = confusion_matrix(held_set.labels.numpy(), preds.numpy(), len(classes))
-        _write_json(confusion_path, {"split": "heldout", "holdout": args.holdout, "seed": args.seed,
+        _write_json(confusion_path, {"split": "heldout", "holdout": args.holdout, "split_seed": 0,
                                      "classes": classes, "matrix": cm.tolist(),
                                      "accuracy": float(np.trace(cm) / cm.sum())})
     confusion = json.loads(confusion_path.read_text())

@@ -210,7 +210,10 @@ def _keep_described_weights(directory: Path) -> None:
     if prev.exists():
         prev.unlink()
     if want and weights.exists() and sha256_file(weights) == want:
-        os.link(weights, prev)  # a second name for the same bytes; the rename below keeps them
+        try:
+            os.link(weights, prev)  # a second name for the same bytes; the rename below keeps them
+        except OSError:             # a filesystem without hard links
+            atomic_write_bytes(prev, weights.read_bytes())
         _fsync_dir(directory)
 
 

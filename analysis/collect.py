@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from workbench.data import normalize
+
 __all__ = [
     "LayerRouting", "RoutingSummary", "collect_routing", "predict_logits",
     "routing_overrides", "force_expert", "routing_kind", "normalize_images",
@@ -37,16 +39,7 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8:
         return images.float()
-    try:  # NOTE: workbench.data is written concurrently; import late, same formula as a fallback
-        from workbench.data import normalize
-    except ImportError:  # pragma: no cover - only until workbench/data.py lands
-        normalize = None
-    if normalize is not None:
-        return normalize(images, mean, std)
-    x = images.float().div_(255.0)
-    m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+    return normalize(images, mean, std)
 
 
 def routing_kind(model: nn.Module) -> str:

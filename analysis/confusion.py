@@ -21,14 +21,7 @@ import torch
 import torch.nn as nn
 from sklearn.metrics import confusion_matrix as _sk_confusion_matrix
 
-try:  # NOTE: workbench.data is written concurrently; the fallback keeps the same formula.
-    from workbench.data import normalize as _normalize
-except ImportError:  # pragma: no cover - only until workbench/data.py lands
-    def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-        x = images.float().div_(255.0)
-        m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-        s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x - m) / s
+from .collect import predict_logits
 
 
 def predict(
@@ -51,22 +44,10 @@ def predict(
     images = torch.as_tensor(images_uint8)
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 (N, C, H, W), but got {images.dtype} {tuple(images.shape)}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    probs = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                x = _normalize(images[start:start + batch_size], mean, std).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(x)
-                probs.append(torch.softmax(logits.float(), dim=-1).cpu())
-    finally:
-        model.train(was_training)
-    if not probs:
+    if len(images) == 0:
         raise ValueError("no images to predict")
-    p = torch.cat(probs)
+    logits = predict_logits(model, images, mean, std, batch_size, bf16=bf16)
+    p = torch.softmax(torch.from_numpy(logits), dim=-1)
     return p.argmax(dim=-1), p
 
 

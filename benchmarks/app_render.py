@@ -69,6 +69,21 @@ def render(at) -> tuple[float, float, list[str]]:
     return dt, cpu, problems
 
 
+def cold_render(page: str, ref: str, timeout: float):
+    """A fresh AppTest on `page` with every Streamlit cache emptied -> (app, seconds, CPU seconds, problems)."""
+    import streamlit as st  # imported after main() has set the folders' environment
+    from streamlit.testing.v1 import AppTest
+
+    from pages.common import CKPT_KEY
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=timeout)
+    at.session_state[CKPT_KEY] = ref
+    at.switch_page(page)
+    return (at, *render(at))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", help="checkpoint folder (default: the largest under the samples folder)")
@@ -98,21 +113,11 @@ def main() -> int:
     rows, failed = [], False
     t_first = None
     for title, page in app_pages():
-        st.cache_data.clear()
-        st.cache_resource.clear()
-        at = AppTest.from_file(APP, default_timeout=args.timeout)
-        at.session_state[CKPT_KEY] = ref
-        at.switch_page(page)
-        cold, cold_cpu, problems = render(at)
+        at, cold, cold_cpu, problems = cold_render(page, ref, args.timeout)
         if t_first is None:
             t_first = cold
             # modules are imported on this first run; measure it again cold, with imports done
-            st.cache_data.clear()
-            st.cache_resource.clear()
-            at = AppTest.from_file(APP, default_timeout=args.timeout)
-            at.session_state[CKPT_KEY] = ref
-            at.switch_page(page)
-            cold, cold_cpu, problems = render(at)
+            at, cold, cold_cpu, problems = cold_render(page, ref, args.timeout)
         warm_times = []
         for _ in range(args.repeats):
             dt, _, more = render(at)

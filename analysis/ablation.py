@@ -7,6 +7,8 @@ model's settings are restored afterwards). `expert_ablation` reports the
 per-class accuracy change of each ablation and `impact_matrix` pivots it into a
 class x expert table. `forced_vs_disabled_gap` checks the mechanism: disabling
 every expert but e must give the same model as forcing every item to e.
+`oracle_routing` asks the complementary question for a super-class-guided
+per-image MoE: how accurate would it be with a perfect router?
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch.nn as nn
 
 from .collect import force_expert, predict_logits, routing_overrides
 
-__all__ = ["per_class_accuracy", "expert_ablation", "impact_matrix", "impact_figure", "forced_vs_disabled_gap"]
+__all__ = ["per_class_accuracy", "expert_ablation", "impact_matrix", "impact_figure", "forced_vs_disabled_gap",
+           "oracle_routing"]
 
 
 def per_class_accuracy(predictions, labels, num_classes: int) -> np.ndarray:
@@ -103,3 +106,43 @@ def forced_vs_disabled_gap(model: nn.Module, images, mean: Sequence[float], std:
     with force_expert(model, expert):
         forced = predict_logits(model, images, mean, std, batch_size)
     return float(np.abs(disabled - forced).max())
+
+
+def oracle_routing(model: nn.Module, images, labels, mean: Sequence[float], std: Sequence[float],
+                   superclasses: Optional[Sequence[int]] = None, batch_size: int = 256) -> dict:
+    """Accuracy as routed vs with every image sent to its true super-class's expert (gate 1).
+
+    A super-class-guided router is trained so that expert g serves super-class g;
+    the gap between the two accuracies is what router mistakes cost, and the
+    split of accuracy by router right/wrong shows whether a wrong expert
+    usually means a wrong answer. Per-image models only (`mvmoe`).
+    """
+    from .collect import collect_routing
+
+    if model.cfg.family != "mvmoe":
+        raise ValueError(f"oracle routing needs a per-image MoE, got a {model.cfg.family!r} model")
+    sc = model.cfg.superclasses if superclasses is None else superclasses
+    if sc is None:
+        raise ValueError("the model has no super-class map; pass superclasses=")
+    sc = np.asarray(sc, dtype=np.int64)
+    if sc.max() >= model.cfg.num_experts:
+        raise ValueError(f"super-classes 0..{sc.max()} need as many experts, the model has {model.cfg.num_experts}")
+    labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
+    summary = collect_routing(model, images, labels, mean, std, batch_size, superclasses=sc)
+    target = sc[labels]
+    routed_right = summary.layers[0].experts[:, 0] == target
+    correct = summary.predictions == labels
+    oracle = np.empty(len(labels), dtype=bool)
+    images = torch.as_tensor(images)
+    for g in np.unique(target):
+        idx = np.flatnonzero(target == g)
+        with force_expert(model, int(g)):
+            logits = predict_logits(model, images[torch.as_tensor(idx)], mean, std, batch_size)
+        oracle[idx] = logits.argmax(1) == labels[idx]
+    return {
+        "routed_accuracy": float(correct.mean()), "oracle_accuracy": float(oracle.mean()),
+        "router_accuracy": float(routed_right.mean()),
+        "accuracy_when_router_right": float(correct[routed_right].mean()) if routed_right.any() else float("nan"),
+        "accuracy_when_router_wrong": float(correct[~routed_right].mean()) if (~routed_right).any() else float("nan"),
+        "images": int(len(labels)),
+    }

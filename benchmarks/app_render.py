@@ -11,7 +11,7 @@ serialised but not drawn):
 - warm: the same session run again (median of --repeats), i.e. what a user
   waits for after touching a widget that changes nothing expensive.
 Targets (issue 6): warm <= 1 s, cold <= 5 s per page on this machine.
-Prints a markdown table; exits non-zero if any page raised.
+Prints a markdown table (or JSON rows with --json); exits non-zero if any page raised.
 """
 from __future__ import annotations
 
@@ -84,60 +84,63 @@ def cold_render(page: str, ref: str, timeout: float):
     return (at, *render(at))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", help="checkpoint folder (default: the largest under the samples folder)")
-    ap.add_argument("--repeats", type=int, default=3, help="warm runs per page (median reported)")
-    ap.add_argument("--timeout", type=float, default=300, help="AppTest timeout per run, seconds")
-    args = ap.parse_args()
+def measure(checkpoint=None, repeats: int = 3, timeout: float = 300, log=sys.stderr) -> tuple[list, bool]:
+    """-> (result rows, whether any page raised)."""
+    from benchmarks.common import row
 
-    if args.checkpoint:  # the app only opens checkpoints under the samples/runs folders
-        ckpt = Path(args.checkpoint).resolve()
+    if checkpoint:  # the app only opens checkpoints under the samples/runs folders
+        ckpt = Path(checkpoint).resolve()
         os.environ["WORKBENCH_SAMPLES"] = str(ckpt.parent)
     else:
         ckpt = largest_sample()
     # the Train page lists runs: give it an empty runs folder, so the user's runs do not count
     os.environ.setdefault("WORKBENCH_RUNS", tempfile.mkdtemp(prefix="bench-runs-"))
 
-    import streamlit as st
-    from streamlit.testing.v1 import AppTest
-
-    from pages.common import CKPT_KEY, ckpt_ref
+    from pages.common import ckpt_ref
     from workbench.checkpoint import read_card
 
     card = read_card(ckpt)
     ref = ckpt_ref(ckpt)
     print(f"checkpoint: {ref} ({card.get('preset')}, {(card.get('params') or {}).get('total', 0) / 1e6:.2f}M params, "
-          f"dataset {card.get('dataset')}); {os.cpu_count()} CPU(s)\n")
-
-    rows, failed = [], False
-    t_first = None
+          f"dataset {card.get('dataset')})", file=log)
+    rows, failed, t_first = [], False, None
     for title, page in app_pages():
-        at, cold, cold_cpu, problems = cold_render(page, ref, args.timeout)
+        at, cold, cold_cpu, problems = cold_render(page, ref, timeout)
         if t_first is None:
             t_first = cold
             # modules are imported on this first run; measure it again cold, with imports done
-            at, cold, cold_cpu, problems = cold_render(page, ref, args.timeout)
+            at, cold, cold_cpu, problems = cold_render(page, ref, timeout)
         warm_times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             dt, _, more = render(at)
             warm_times.append(dt)
             problems += more
         warm = statistics.median(warm_times)
         failed |= bool(problems)
-        rows.append((title, cold, cold_cpu, warm, problems))
-        print(f"  {title}: cold {cold:.2f} s ({cold_cpu:.2f} s CPU), warm {warm:.2f} s"
-              + (f"  PROBLEMS: {problems[:2]}" if problems else ""), file=sys.stderr, flush=True)
+        note = ("; PROBLEMS: " + "; ".join(p.replace("\n", " ")[:120] for p in problems[:2])) if problems else ""
+        print(f"  {title}: cold {cold:.2f} s ({cold_cpu:.2f} s CPU), warm {warm:.2f} s{note}", file=log, flush=True)
+        worst = max(cold / COLD_TARGET, warm / WARM_TARGET)
+        rows.append(row("app", f"page '{title}' with `{ref}` ({card.get('preset')}): cold / warm render{note}",
+                        f"{cold:.2f} s / {warm:.2f} s", f"{COLD_TARGET:.0f} s / {WARM_TARGET:.0f} s",
+                        worst, "worst time / target", f"cold ≤ {COLD_TARGET:.0f} s, warm ≤ {WARM_TARGET:.0f} s",
+                        worst <= 1.0 and not problems))
+    rows.append(row("app", "first page including module imports (torch, plotly, …), cold", f"{t_first:.2f} s", "",
+                    None, ""))
+    return rows, failed
 
-    print("| page | cold (s) | cold CPU (s) | warm (s) | cold ≤ 5 s | warm ≤ 1 s | notes |")
-    print("|---|---:|---:|---:|:-:|:-:|---|")
-    for title, cold, cold_cpu, warm, problems in rows:
-        note = "; ".join(p.replace("\n", " ")[:120] for p in problems[:2])
-        print(f"| {title} | {cold:.2f} | {cold_cpu:.2f} | {warm:.2f} | {'✓' if cold <= COLD_TARGET else '✗'} | "
-              f"{'✓' if warm <= WARM_TARGET else '✗'} | {note} |")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nFirst page including module imports (torch, plotly, …): {t_first:.2f} s. "
-          f"Load average at the end: {load:.1f} on {os.cpu_count()} CPU(s) (wall times grow with other load).")
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", help="checkpoint folder (default: the largest under the samples folder)")
+    ap.add_argument("--repeats", type=int, default=3, help="warm runs per page (median reported)")
+    ap.add_argument("--timeout", type=float, default=300, help="AppTest timeout per run, seconds")
+    ap.add_argument("--quick", action="store_true", help="1 warm run per page")
+    ap.add_argument("--json", action="store_true", help="rows as JSON for `python -m benchmarks`")
+    args = ap.parse_args()
+    from benchmarks.common import emit
+
+    rows, failed = measure(args.checkpoint, 1 if args.quick else args.repeats, args.timeout)
+    emit(rows, args.json)
     return 1 if failed else 0
 
 

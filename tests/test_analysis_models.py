@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.ablation import expert_ablation, forced_vs_disabled_gap, impact_matrix
+from analysis.ablation import expert_ablation, forced_vs_disabled_gap, impact_matrix, oracle_routing
 from analysis.attribution import METHODS, class_attribution, overlay_figure, region_share, router_attribution
 from analysis.collect import collect_routing, force_expert, routing_overrides
 from analysis.embedding import embed, embedding_frame
@@ -135,6 +135,31 @@ def test_disabling_all_but_one_expert_equals_forcing_that_expert(name, data):
         b = forward(model, data[0]).logits
     assert (a - b).abs().max() > 1e-4
     assert model.cfg.top_k == (1 if name.startswith("mvmoe") else 2) and model.cfg.disabled_experts == []
+
+
+def test_oracle_routing_sends_each_image_to_its_super_class_expert(data):
+    images, labels = data
+    superclasses = [0, 1, 2, 3]                      # class -> super-class = expert
+    model = tiny("mvmoe-2x64-e4k1", superclasses=superclasses)
+    r = oracle_routing(model, images, labels, MEAN, STD)
+    # the oracle, assembled by hand from forced passes of each super-class's images
+    expected = np.zeros(len(labels), dtype=bool)
+    for g in range(4):
+        idx = np.flatnonzero(np.asarray(superclasses)[labels.numpy()] == g)
+        with force_expert(model, g):
+            expected[idx] = forward(model, images[idx]).logits.argmax(1).numpy() == labels.numpy()[idx]
+    assert r["oracle_accuracy"] == pytest.approx(expected.mean())
+    # routed accuracy splits exactly into router-right and router-wrong images
+    s = collect_routing(model, images, labels, MEAN, STD)
+    assert r["routed_accuracy"] == pytest.approx((s.predictions == labels.numpy()).mean())
+    right = r["router_accuracy"]
+    parts = [right * r["accuracy_when_router_right"] if right > 0 else 0.0,
+             (1 - right) * r["accuracy_when_router_wrong"] if right < 1 else 0.0]
+    assert sum(parts) == pytest.approx(r["routed_accuracy"])
+    with pytest.raises(ValueError, match="per-image"):
+        oracle_routing(tiny("vmoe-2x64-e4k2"), images, labels, MEAN, STD, superclasses=superclasses)
+    with pytest.raises(ValueError, match="super-class map"):
+        oracle_routing(tiny("mvmoe-2x64-e4k1"), images, labels, MEAN, STD)
 
 
 def test_expert_ablation_reports_per_class_changes_and_restores_the_model(data):

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mvmoe-6x96-e4k1:e2e for an end-to-end router without super-classes)")
     p.add_argument("--results", default=None, metavar="CSV", help="results CSV to append to (default OUT/results.csv)")
     p.add_argument("--grid", choices=("samples",), default=None, help="run the sample-checkpoint grid into OUT/<size>/")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="copy every finished checkpoint (weights + card) and the run's reports into DIR, "
+                        "named like the shipped samples (e.g. DIR/fmnist-vit-6x64)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -326,20 +330,83 @@ def _markdown(r: dict) -> str:
 
 SAMPLE_GRID = {
     # size: (dense preset, extra models at this size)
-    "6x64": ("vit-6x64", []),
-    "6x96": ("vit-6x96", ["vmoe-6x96-e8k2", "mvmoe-6x96-e4k1:e2e"]),
+    "6x64": ("vit-6x64", ["vmoe-6x64-e8k2", "mvmoe-6x64-e4k1:e2e"]),
+    "6x96": ("vit-6x96", []),
     "9x96": ("vit-9x96", []),
 }
 
 
+SHORT_NAMES = {"fashion-mnist": "fmnist"}
+REPORT_FILES = ("report.md", "report.json", "clustering.json", "confusion.json", "superclasses.json")
+
+
+def export(run_dir: Path, dest: Path, report: dict) -> list:
+    """Copy each model of a finished pipeline run to dest/<dataset>-<model> (weights + card) and its
+    reports to dest/pipeline-<dataset>-<dense shape>/; returns the checkpoint folders written.
+    Files are copied to a temporary name and renamed, so an interrupted export leaves no half file."""
+    dataset = report["dataset"]
+    short = SHORT_NAMES.get(dataset, dataset)
+    written = []
+    for r in report["rows"]:
+        target = dest / f"{short}-{r['preset'] if r['model'] in ('dense', 'moe') else r['model']}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "card.json"):
+            shutil.copyfile(Path(r["run_dir"]) / name, target / (name + ".tmp"))
+            (target / (name + ".tmp")).replace(target / name)
+        written.append(target)
+    dense = next(r["preset"] for r in report["rows"] if r["model"] == "dense")
+    reports = dest / f"pipeline-{dataset}-{dense.split('-', 1)[1]}"
+    reports.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        if (run_dir / name).exists():
+            shutil.copyfile(run_dir / name, reports / name)
+    return written
+
+
+def grid_table(reports: dict) -> str:
+    """Markdown: per size, dense vs per-image MoE (test accuracy, delta, MACs, params), then the extras."""
+    lines = ["| size | dense acc | MoE acc | Δ (points) | MACs/img dense / MoE | params dense | params MoE "
+             "active / total |", "|---|---:|---:|---:|---:|---:|---:|"]
+    extras = []
+    for size, report in reports.items():
+        rows = {r["model"]: r for r in report["rows"]}
+        d, m = rows["dense"], rows["moe"]
+        lines.append(f"| {size} | {100 * d['test_accuracy']:.2f}% | {100 * m['test_accuracy']:.2f}% | "
+                     f"{100 * (m['test_accuracy'] - d['test_accuracy']):+.2f} | {d['macs_active'] / 1e6:.2f} M / "
+                     f"{m['macs_active'] / 1e6:.2f} M | {d['params_total'] / 1e6:.2f} M | "
+                     f"{m['params_active'] / 1e6:.2f} M / {m['params_total'] / 1e6:.2f} M |")
+        extras += [(size, r, d) for name, r in rows.items() if name not in ("dense", "moe")]
+    if extras:
+        lines += ["", "| size | model | router | acc | Δ vs dense | MACs/img | params active / total |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for size, r, d in extras:
+            lines.append(f"| {size} | {r['model']} | {r['router']} | {100 * r['test_accuracy']:.2f}% | "
+                         f"{100 * (r['test_accuracy'] - d['test_accuracy']):+.2f} | {r['macs_active'] / 1e6:.2f} M | "
+                         f"{r['params_active'] / 1e6:.2f} M / {r['params_total'] / 1e6:.2f} M |")
+    return "\n".join(lines) + "\n"
+
+
 def run_grid(args: argparse.Namespace) -> None:
-    """The sample-checkpoint grid: one pipeline per size into OUT/<size>/, one results CSV."""
+    """The sample-checkpoint grid: one pipeline per size into OUT/<size>/, one results CSV, one table."""
     base = Path(args.out)
-    results = args.results or str(base / "results.csv")
+    results = Path(args.results or base / "results.csv")
+    if results.exists():
+        results.unlink()   # rebuilt from every size's report below, so a re-run does not duplicate rows
+    reports = {}
     for size, (dense, extras) in SAMPLE_GRID.items():
         sub = argparse.Namespace(**{**vars(args), "out": str(base / size), "dense": dense,
-                                    "extra": list(args.extra) + extras, "results": results, "grid": None})
-        run(sub)
+                                    "extra": list(args.extra) + extras, "results": str(results), "grid": None,
+                                    "export": None})
+        reports[size] = run(sub)
+    table = grid_table(reports)
+    (base / "grid.md").write_text(table)
+    print(table)
+    if args.export:
+        dest = Path(args.export)
+        for size, report in reports.items():
+            export(base / size, dest, report)
+        shutil.copyfile(results, dest / "grid-results.csv")
+        shutil.copyfile(base / "grid.md", dest / "grid.md")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -347,7 +414,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = "python -m workbench.pipeline " + " ".join(argv)
     try:
-        run_grid(args) if args.grid else run(args)
+        if args.grid:
+            run_grid(args)
+        else:
+            report = run(args)
+            if args.export:
+                export(Path(args.out), Path(args.export), report)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

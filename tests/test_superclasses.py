@@ -266,3 +266,20 @@ def test_model_confusion_counts_every_image_once():
     cm = model_confusion(model, dataset, batch_size=5)
     assert cm.shape == (4, 4) and cm.sum() == 13
     np.testing.assert_array_equal(cm.sum(axis=1), [4, 3, 3, 3])
+
+
+def test_confusion_graph_figure_draws_every_class_once_coloured_by_group():
+    from analysis.superclasses import confusion_graph, confusion_graph_figure, confusion_graph_layout
+
+    cm = np.array([[50, 8, 0, 0], [6, 40, 1, 0], [0, 2, 30, 9], [0, 0, 7, 45]])
+    names = ["a", "b", "c", "d"]
+    pos = confusion_graph_layout(cm, names, seed=0)
+    assert pos == confusion_graph_layout(cm, names, seed=0) and set(pos) == {0, 1, 2, 3}
+    fig = confusion_graph_figure(confusion_graph(cm, names), pos, groups=[0, 0, 1, 1], group_names=["ab", "cd"],
+                                 selected=2)
+    node_traces = [t for t in fig.data if t.customdata is not None]
+    assert [list(t.customdata) for t in node_traces] == [[0, 1], [2, 3]]
+    assert [t.name for t in node_traces] == ["0: ab", "1: cd"]
+    assert sorted(sum((list(t.text) for t in node_traces), [])) == names
+    # the selected class is outlined
+    assert list(node_traces[1].marker.line.width) == [4, 1]

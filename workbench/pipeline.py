@@ -332,7 +332,7 @@ SAMPLE_GRID = {
     # size: (dense preset, extra models at this size)
     "6x64": ("vit-6x64", ["vmoe-6x64-e8k2", "mvmoe-6x64-e4k1:e2e"]),
     "6x96": ("vit-6x96", []),
-    "9x96": ("vit-9x96", []),
+    "9x64": ("vit-9x64", []),
 }
 
 

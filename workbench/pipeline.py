@@ -7,7 +7,8 @@
 3. superclasses.json cluster the confusion graph into exactly E super-classes
    clustering.json   every method's quality (within-group confusion, balance, ARI/NMI)
 4. moe/              train the per-image MoE whose router predicts the super-class
-5. evaluation.json   both models on the test split (accuracy, MACs, params, router accuracy)
+5. evaluation.json   both models on the test split (accuracy, MACs, params, router accuracy,
+                     accuracy with a perfect router)
 6. report.md/.json   and one row per model appended to the results CSV
 
 Each stage writes its artefact in the run directory and is skipped when the
@@ -120,7 +121,9 @@ def _patch_card(run_dir: Path, **fields) -> None:
 
 
 def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -> dict:
-    """Test accuracy, MACs/params and, for per-image routers, accuracy against the super-classes."""
+    """Test accuracy, MACs/params and, for per-image routers, accuracy against the super-classes
+    (and, for super-class-guided ones, the accuracy with a perfect router)."""
+    from analysis.ablation import oracle_routing
     from analysis.collect import collect_routing
     from analysis.routing import router_superclass_accuracy
 
@@ -134,9 +137,15 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
     row = {"test_accuracy": float(summary.accuracy), "macs_active": macs["active"], "macs_dense": macs["dense"],
            "params_active": macs["params_active"], "params_total": macs["params_total"],
            "router_superclass_accuracy": None}
+    row["oracle_routing_accuracy"] = None
     if model.cfg.family == "mvmoe" and superclasses is not None:
         table = router_superclass_accuracy(summary, superclasses)
         row["router_superclass_accuracy"] = float(table["accuracy"].iloc[0])
+    if model.cfg.family == "mvmoe" and model.cfg.superclasses is not None:
+        # what a perfect router would give: separates router mistakes from expert quality
+        oracle = oracle_routing(model, test_set.images, test_set.labels, test_set.mean, test_set.std,
+                                batch_size=512)
+        row["oracle_routing_accuracy"] = oracle["oracle_accuracy"]
     return row
 
 
@@ -245,6 +254,7 @@ def run(args: argparse.Namespace) -> dict:
             "macs_active": int(evaluation[name]["macs_active"]),
             "params_active": evaluation[name]["params_active"], "params_total": evaluation[name]["params_total"],
             "router_superclass_accuracy": _round(evaluation[name]["router_superclass_accuracy"]),
+            "oracle_routing_accuracy": _round(evaluation[name].get("oracle_routing_accuracy")),
             "train_wall_time_s": card.get("wall_time_s"), "epochs": args.epochs,
             "clustering": args.method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
             "run_dir": str(out / name),
@@ -263,6 +273,10 @@ def run(args: argparse.Namespace) -> dict:
     (out / "report.md").write_text(_markdown(report))
     _say(args, f"done in {wall:.0f} s: " + ", ".join(f"{r['model']} {100 * r['test_accuracy']:.2f}%" for r in rows))
     return report
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.2f}%"
 
 
 def _round(x, n: int = 4):
@@ -311,13 +325,13 @@ def _markdown(r: dict) -> str:
     for g, name in enumerate(r["superclasses"]["names"]):
         members = [c for c, a in zip(r["classes"], r["superclasses"]["assignment"]) if a == g]
         lines.append(f"| {g} | {', '.join(members)} |")
-    lines += ["", "| model | preset | test accuracy | MACs/img | active / total params | router acc. vs super-class |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "| model | preset | test accuracy | MACs/img | active / total params | router acc. vs super-class "
+              "| accuracy with a perfect router |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
-        ra = row["router_superclass_accuracy"]
         lines.append(f"| {row['model']} | {row['preset']} | {100 * row['test_accuracy']:.2f}% | "
                      f"{row['macs_active'] / 1e6:.1f} M | {row['params_active'] / 1e6:.2f} M / "
-                     f"{row['params_total'] / 1e6:.2f} M | {'' if ra is None else f'{100 * ra:.1f}%'} |")
+                     f"{row['params_total'] / 1e6:.2f} M | {_pct(row['router_superclass_accuracy'])} | "
+                     f"{_pct(row.get('oracle_routing_accuracy'))} |")
     lines += ["", "Clustering methods on the same graph:", "",
               "| method | within share | balance | modularity | ARI | NMI |", "|---|---:|---:|---:|---:|---:|"]
     for m in r["clustering"]["methods"]:
@@ -366,7 +380,7 @@ def export(run_dir: Path, dest: Path, report: dict) -> list:
 def grid_table(reports: dict) -> str:
     """Markdown: per size, dense vs per-image MoE (test accuracy, delta, MACs, params), then the extras."""
     lines = ["| size | dense acc | MoE acc | Δ (points) | MACs/img dense / MoE | params dense | params MoE "
-             "active / total |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "active / total | MoE router acc | MoE acc, perfect router |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     extras = []
     for size, report in reports.items():
         rows = {r["model"]: r for r in report["rows"]}
@@ -374,7 +388,8 @@ def grid_table(reports: dict) -> str:
         lines.append(f"| {size} | {100 * d['test_accuracy']:.2f}% | {100 * m['test_accuracy']:.2f}% | "
                      f"{100 * (m['test_accuracy'] - d['test_accuracy']):+.2f} | {d['macs_active'] / 1e6:.2f} M / "
                      f"{m['macs_active'] / 1e6:.2f} M | {d['params_total'] / 1e6:.2f} M | "
-                     f"{m['params_active'] / 1e6:.2f} M / {m['params_total'] / 1e6:.2f} M |")
+                     f"{m['params_active'] / 1e6:.2f} M / {m['params_total'] / 1e6:.2f} M | "
+                     f"{_pct(m.get('router_superclass_accuracy'))} | {_pct(m.get('oracle_routing_accuracy'))} |")
         extras += [(size, r, d) for name, r in rows.items() if name not in ("dense", "moe")]
     if extras:
         lines += ["", "| size | model | router | acc | Δ vs dense | MACs/img | params active / total |",

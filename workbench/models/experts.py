@@ -57,8 +57,9 @@ class Experts(nn.Module):
         y = torch.cat(outputs) if outputs else routed
         y = y.to(x.dtype) * weights.reshape(-1)[assignment].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         # NOTE: write into a (N * k) buffer and sum over k instead of index_add_:
-        # each slot is written once, which avoids CPU scatter-add (2x faster in an
-        # interleaved A/B at 256 x 50 tokens, E=8, k=2 on this 2-core CPU).
+        # each slot is written once, so the sum is deterministic on every device
+        # (CUDA's index_add_ uses atomics). On the 2-core CPU the two are at parity
+        # (index_add_ 3-6 % faster; `python -m benchmarks`, per-token dispatch rows).
         buffer = x.new_zeros((N * k, *x.shape[1:]))
         buffer[assignment] = y
         buffer = buffer.view(N, k, *x.shape[1:])

@@ -109,13 +109,16 @@ def forced_vs_disabled_gap(model: nn.Module, images, mean: Sequence[float], std:
 
 
 def oracle_routing(model: nn.Module, images, labels, mean: Sequence[float], std: Sequence[float],
-                   superclasses: Optional[Sequence[int]] = None, batch_size: int = 256) -> dict:
+                   superclasses: Optional[Sequence[int]] = None, batch_size: int = 256,
+                   summary=None) -> dict:
     """Accuracy as routed vs with every image sent to its true super-class's expert (gate 1).
 
     A super-class-guided router is trained so that expert g serves super-class g;
     the gap between the two accuracies is what router mistakes cost, and the
     split of accuracy by router right/wrong shows whether a wrong expert
-    usually means a wrong answer. Per-image models only (`mvmoe`).
+    usually means a wrong answer. Per-image models only (`mvmoe`). `summary`: a
+    `collect_routing` pass of the same model over the same images, if one is at
+    hand (saves the routed pass).
     """
     from .collect import collect_routing
 
@@ -128,7 +131,10 @@ def oracle_routing(model: nn.Module, images, labels, mean: Sequence[float], std:
     if sc.max() >= model.cfg.num_experts:
         raise ValueError(f"super-classes 0..{sc.max()} need as many experts, the model has {model.cfg.num_experts}")
     labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
-    summary = collect_routing(model, images, labels, mean, std, batch_size, superclasses=sc)
+    if summary is None:
+        summary = collect_routing(model, images, labels, mean, std, batch_size, superclasses=sc)
+    elif len(summary.predictions) != len(labels):
+        raise ValueError(f"summary covers {len(summary.predictions)} images, got {len(labels)}")
     target = sc[labels]
     routed_right = summary.layers[0].experts[:, 0] == target
     correct = summary.predictions == labels

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few repeats and small sizes: checks the plumbing, "
                    "not figures to quote")
-    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run these sections only")
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
+                   help="run these sections only: " + "; ".join(f"{n} ({what})" for n, (_, what) in SECTIONS.items()))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"), help="markdown file to write")
     p.add_argument("--peer-python", default=None, help="a Python with timm and torch for the peer section")
     args = p.parse_args(argv)

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from analysis.attribution import class_attribution, router_attribution  # noqa: E402
 from analysis.collect import collect_routing  # noqa: E402
 from analysis.routing import routing_report  # noqa: E402
-from benchmarks.common import emit, row  # noqa: E402
+from benchmarks.common import emit, largest_sample, row, skipped  # noqa: E402
 from workbench.models import create_model  # noqa: E402
 
 
@@ -51,18 +51,20 @@ def timed(fn, repeat: int = 1):
     return out, best
 
 
+def route_agreement(a, b) -> str:
+    """Share of images whose first MoE layer's top-1 expert is the same in two routing summaries."""
+    return f"{float((a.layers[0].top1 == b.layers[0].top1).mean()):.2%}"
+
+
 def trained_sample_agreement(batch_size: int = 256) -> list:
     """Is bf16 analysis accuracy-neutral on a *trained* model? The largest shipped per-image sample,
     the whole test split, fp32 vs bf16 (routers in fp32): agreement of predictions and routes."""
-    from workbench.checkpoint import list_checkpoints, load_checkpoint, read_card
+    from workbench.checkpoint import load_checkpoint
     from workbench.data import load_dataset
-    from workbench.paths import samples_dir
 
-    found = [(read_card(p).get("params", {}).get("total", 0), p) for p in list_checkpoints(samples_dir())
-             if read_card(p).get("config", {}).get("family") == "mvmoe"]
-    if not found:
-        return [row(SECTION, "bf16 vs fp32 on a trained model", "skipped", "no per-image sample checkpoint", None, "")]
-    path = max(found)[1]
+    path = largest_sample("mvmoe")
+    if path is None:
+        return [skipped(SECTION, "bf16 vs fp32 on a trained model", "no per-image sample checkpoint")]
     model, card = load_checkpoint(path)
     data = load_dataset(card["dataset"], "test")
     a, b = (collect_routing(model, data.images, data.labels, data.mean, data.std, batch_size, bf16=bf16)
@@ -70,8 +72,7 @@ def trained_sample_agreement(batch_size: int = 256) -> list:
     what = f"bf16 vs fp32 analysis of trained `{path.name}`, {len(data)} test images"
     return [row(SECTION, f"{what}: predictions unchanged", f"{float((a.predictions == b.predictions).mean()):.2%}",
                 "", None, ""),
-            row(SECTION, f"{what}: router decisions unchanged", f"{float((a.layers[0].top1 == b.layers[0].top1).mean()):.2%}",
-                "", None, ""),
+            row(SECTION, f"{what}: router decisions unchanged", route_agreement(a, b), "", None, ""),
             row(SECTION, f"{what}: test accuracy", f"bf16 {b.accuracy:.2%}", f"fp32 {a.accuracy:.2%}",
                 None, "")]
 
@@ -101,7 +102,7 @@ def measure(images: int = 10_000, batch_size: int = 256, ig_repeat: int = 3) -> 
                 "speed-up", "< 20 s", totals[True][0] < 20.0)]
     a, b = summaries[False], summaries[True]
     rows.append(row(SECTION, "bf16 vs fp32 on this untrained model: router top-1 decisions unchanged",
-                    f"{float((a.layers[0].top1 == b.layers[0].top1).mean()):.2%}", "", None, ""))
+                    route_agreement(a, b), "", None, ""))
 
     rows += trained_sample_agreement(batch_size)
 

@@ -43,22 +43,6 @@ def app_pages() -> list[tuple[str, str]]:
     return pages
 
 
-def largest_sample() -> Path:
-    from workbench.checkpoint import list_checkpoints, read_card
-    from workbench.paths import samples_dir
-
-    found = []
-    for path in list_checkpoints(samples_dir()):
-        try:
-            card = read_card(path)
-        except ValueError:
-            continue
-        found.append(((card.get("params") or {}).get("total") or 0, (path / "model.safetensors").stat().st_size, path))
-    if not found:
-        sys.exit(f"no sample checkpoints in {samples_dir()}; pass --checkpoint DIR or set WORKBENCH_SAMPLES")
-    return max(found)[2]
-
-
 def render(at) -> tuple[float, float, list[str]]:
     """-> (wall seconds, process CPU seconds, problems). CPU time (all threads) shows the work done
     independently of other load on the machine; on an idle 2-core machine wall >= CPU / 2."""
@@ -86,13 +70,16 @@ def cold_render(page: str, ref: str, timeout: float):
 
 def measure(checkpoint=None, repeats: int = 3, timeout: float = 300, log=sys.stderr) -> tuple[list, bool]:
     """-> (result rows, whether any page raised)."""
-    from benchmarks.common import row
+    from benchmarks.common import largest_sample, row
+    from workbench.paths import samples_dir
 
     if checkpoint:  # the app only opens checkpoints under the samples/runs folders
         ckpt = Path(checkpoint).resolve()
         os.environ["WORKBENCH_SAMPLES"] = str(ckpt.parent)
     else:
         ckpt = largest_sample()
+        if ckpt is None:
+            sys.exit(f"no sample checkpoints in {samples_dir()}; pass --checkpoint DIR or set WORKBENCH_SAMPLES")
     # the Train page lists runs: give it an empty runs folder, so the user's runs do not count
     os.environ.setdefault("WORKBENCH_RUNS", tempfile.mkdtemp(prefix="bench-runs-"))
 

@@ -78,6 +78,24 @@ def train_step(model: torch.nn.Module, batch_size: int, amp_dtype=None, ours: bo
     return step
 
 
+def largest_sample(family: Optional[str] = None) -> Optional[Path]:
+    """The shipped sample checkpoint with the most parameters (of `family`, if given), or None.
+    Unreadable cards are skipped."""
+    from workbench.checkpoint import list_checkpoints, read_card
+    from workbench.paths import samples_dir
+
+    found = []
+    for path in list_checkpoints(samples_dir()):
+        try:
+            card = read_card(path)
+        except ValueError:
+            continue
+        if family is None or (card.get("config") or {}).get("family") == family:
+            found.append(((card.get("params") or {}).get("total") or 0, (path / "model.safetensors").stat().st_size,
+                          path))
+    return max(found)[2] if found else None
+
+
 def native_bf16() -> bool:
     from workbench.train import cpu_has_native_bf16
 
@@ -122,9 +140,11 @@ def skipped(section: str, measurement: str, why: str) -> dict:
 def format_ratio(r: dict) -> str:
     if r["ratio"] is None:
         return ""
-    if r["ratio_kind"].startswith("fraction"):
-        return f"{100 * r['ratio']:.0f}% ({r['ratio_kind'][len('fraction'):].strip(' ,')})".replace(" ()", "")
-    return f"{r['ratio']:.2f}× ({r['ratio_kind']})"
+    kind = r["ratio_kind"]
+    if kind.startswith("fraction"):      # "fraction of peak" -> "34% (of peak)"
+        detail = kind.removeprefix("fraction").strip()
+        return f"{100 * r['ratio']:.0f}%" + (f" ({detail})" if detail else "")
+    return f"{r['ratio']:.2f}× ({kind})"
 
 
 def markdown_table(rows: list) -> str:

@@ -84,20 +84,6 @@ def index_add_experts(ex, x: torch.Tensor, experts: torch.Tensor, weights: torch
     return x.new_zeros(x.shape).index_add_(0, assignment // k, y)
 
 
-def routed_inputs(moe: TokenMoE, h: torch.Tensor):
-    """(tokens, experts, gates, kept) of one eval-mode routing of h, as the layer computes them."""
-    from workbench.models.routing import assign_capacity
-
-    B, T, D = h.shape
-    flat = h.reshape(-1, D)
-    r = moe.router(flat, add_noise=False)
-    E, k = moe.router.num_experts, moe.router.top_k
-    group = torch.arange(B).repeat_interleave(T) // moe.group_size
-    cap = (k * moe.eval_capacity_ratio * torch.bincount(group).double() / E).ceil().clamp(min=1).long()
-    kept = assign_capacity(r["experts"], r["gates"], group, E, cap, moe.batch_priority)
-    return flat, r["experts"], r["gates"], kept
-
-
 def measure(batch: int = 256, repeats: int = 7, experts=(4, 8, 16), train_batch: int = 128) -> list:
     torch.manual_seed(0)
     rows = []
@@ -133,7 +119,8 @@ def measure(batch: int = 256, repeats: int = 7, experts=(4, 8, 16), train_batch:
                 "naive": lambda: naive_all_experts_then_mask(layer, h),
                 "onehot": lambda: onehot_einsum_dispatch(layer, h),
             }, repeats)
-            args = routed_inputs(layer, h)
+            r, kept = layer.route(h)
+            args = (h.reshape(-1, h.shape[-1]), r["experts"], r["gates"], kept)
             torch.testing.assert_close(layer.experts(*args), index_add_experts(layer.experts, *args))
             t.update({f"{k}_combine": v for k, v in side_by_side({
                 "ours": lambda: layer.experts(*args),

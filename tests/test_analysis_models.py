@@ -152,6 +152,7 @@ def test_oracle_routing_sends_each_image_to_its_super_class_expert(data):
     # routed accuracy splits exactly into router-right and router-wrong images
     s = collect_routing(model, images, labels, MEAN, STD)
     assert r["routed_accuracy"] == pytest.approx((s.predictions == labels.numpy()).mean())
+    assert oracle_routing(model, images, labels, MEAN, STD, summary=s) == r   # a pass at hand is reused
     right = r["router_accuracy"]
     parts = [right * r["accuracy_when_router_right"] if right > 0 else 0.0,
              (1 - right) * r["accuracy_when_router_wrong"] if right < 1 else 0.0]

@@ -144,7 +144,7 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
     if model.cfg.family == "mvmoe" and model.cfg.superclasses is not None:
         # what a perfect router would give: separates router mistakes from expert quality
         oracle = oracle_routing(model, test_set.images, test_set.labels, test_set.mean, test_set.std,
-                                batch_size=512)
+                                batch_size=512, summary=summary)
         row["oracle_routing_accuracy"] = oracle["oracle_accuracy"]
     return row
 
@@ -357,24 +357,29 @@ REPORT_FILES = ("report.md", "report.json", "clustering.json", "confusion.json",
 def export(run_dir: Path, dest: Path, report: dict) -> list:
     """Copy each model of a finished pipeline run to dest/<dataset>-<model> (weights + card) and its
     reports to dest/pipeline-<dataset>-<dense shape>/; returns the checkpoint folders written.
-    Files are copied to a temporary name and renamed, so an interrupted export leaves no half file."""
+    Every file is copied atomically, so an interrupted export leaves no half file."""
     dataset = report["dataset"]
     short = SHORT_NAMES.get(dataset, dataset)
     written = []
     for r in report["rows"]:
         target = dest / f"{short}-{r['preset'] if r['model'] in ('dense', 'moe') else r['model']}"
-        target.mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "card.json"):
-            shutil.copyfile(Path(r["run_dir"]) / name, target / (name + ".tmp"))
-            (target / (name + ".tmp")).replace(target / name)
+            _copy_atomic(Path(r["run_dir"]) / name, target / name)
         written.append(target)
     dense = next(r["preset"] for r in report["rows"] if r["model"] == "dense")
     reports = dest / f"pipeline-{dataset}-{dense.split('-', 1)[1]}"
-    reports.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:
         if (run_dir / name).exists():
-            shutil.copyfile(run_dir / name, reports / name)
+            _copy_atomic(run_dir / name, reports / name)
     return written
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    """Copy to a temporary name beside `dest`, then rename: readers never see half a file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest)
 
 
 def grid_table(reports: dict) -> str:
@@ -420,8 +425,8 @@ def run_grid(args: argparse.Namespace) -> None:
         dest = Path(args.export)
         for size, report in reports.items():
             export(base / size, dest, report)
-        shutil.copyfile(results, dest / "grid-results.csv")
-        shutil.copyfile(base / "grid.md", dest / "grid.md")
+        _copy_atomic(results, dest / "grid-results.csv")
+        _copy_atomic(base / "grid.md", dest / "grid.md")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -32,19 +32,26 @@ class TokenMoE(nn.Module):
         self.batch_priority = cfg.batch_priority
         self.group_size = cfg.group_size
 
-    def forward(self, x: torch.Tensor):
-        """x: (B, T, D) -> (out (B, T, D), RoutingRecord, aux losses)."""
+    def route(self, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """x: (B, T, D) -> (router output on the B*T tokens, which (token, choice) fit capacity)."""
         B, T, D = x.shape
         E, k = self.router.num_experts, self.router.top_k
-        flat = x.reshape(B * T, D)
-        r = self.router(flat, add_noise=self.training)
+        r = self.router(x.reshape(B * T, D), add_noise=self.training)
         # routing groups: `group_size` consecutive images share each expert's buffer
         image = torch.arange(B, device=x.device).repeat_interleave(T)
         group = image // self.group_size
         ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
         # same rule as config.capacity, vectorised over groups (the last one may be smaller)
         group_cap = (k * ratio * torch.bincount(group).double() / E).ceil().clamp(min=1).long()
-        kept = assign_capacity(r["experts"], r["gates"], group, E, group_cap, self.batch_priority)
+        return r, assign_capacity(r["experts"], r["gates"], group, E, group_cap, self.batch_priority)
+
+    def forward(self, x: torch.Tensor):
+        """x: (B, T, D) -> (out (B, T, D), RoutingRecord, aux losses)."""
+        B, T, D = x.shape
+        E, k = self.router.num_experts, self.router.top_k
+        flat = x.reshape(B * T, D)
+        r, kept = self.route(x)
+        ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
         out = self.experts(flat, r["experts"], r["gates"], kept)
         record = RoutingRecord(
             layer=self.layer, kind="token",

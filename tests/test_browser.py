@@ -240,7 +240,7 @@ def job_row(page, name: str) -> dict:
 def test_every_page_renders_without_errors_and_a_run_started_in_the_ui_finishes(page, app_url):
     links = nav_links(page)
     titles = [t for t, _ in links]
-    assert "Train" in titles and len(titles) >= 8, titles
+    assert "Train" in titles and "Expert gallery" in titles and len(titles) >= 9, titles
     for i, (title, href) in enumerate(links):
         goto_page(page, href)
         page.wait_for_selector("h1")

@@ -1,0 +1,150 @@
+"""Expert gallery: the statistics on hand-built routing, and the page on tiny checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.collect import LayerRouting, RoutingSummary
+from analysis.gallery import expert_classes, expert_gallery, expert_scores, highlight_patches, patch_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _per_image_summary() -> RoutingSummary:
+    """6 images, 2 classes, 3 experts, k=1; image 5's choice was dropped (disabled expert)."""
+    experts = np.array([[0], [0], [1], [1], [0], [2]])
+    kept = np.array([[True], [True], [True], [True], [True], [False]])
+    gates = np.array([[0.9], [0.6], [0.8], [0.7], [0.95], [0.5]], dtype=np.float32)
+    probs = np.full((6, 3), 1 / 3, dtype=np.float32)
+    lr = LayerRouting(layer=4, kind="image", experts=experts, kept=kept, gates=gates, probs=probs)
+    return RoutingSummary(family="mvmoe", layers=[lr], labels=np.array([0, 0, 1, 1, 1, 0]),
+                          predictions=np.array([0, 1, 1, 1, 0, 0]), features=np.zeros((6, 2), np.float32),
+                          router_inputs=None, num_classes=2, classes=["cat", "dog"], grid=2)
+
+
+def _per_token_summary() -> RoutingSummary:
+    """2 images of 1 + 4 tokens, 2 experts, k=1: image 0 sends 3 patches to expert 1, image 1 sends 1."""
+    experts = np.array([[[1], [1], [1], [1], [0]], [[1], [0], [0], [0], [1]]])
+    kept = np.ones_like(experts, dtype=bool)
+    gates = np.full(experts.shape, 0.5, dtype=np.float32)
+    lr = LayerRouting(layer=1, kind="token", experts=experts, kept=kept, gates=gates,
+                      probs=np.full((2, 5, 2), 0.5, dtype=np.float32))
+    return RoutingSummary(family="vmoe", layers=[lr], labels=np.array([0, 1]), predictions=np.array([0, 1]),
+                          features=np.zeros((2, 2), np.float32), router_inputs=None, num_classes=2, grid=2)
+
+
+def test_per_image_gallery_ranks_received_images_by_gate_and_lists_the_wrong_ones():
+    g = expert_gallery(_per_image_summary(), expert=0)
+    assert g["top"]["index"].tolist() == [4, 0, 1]          # gates 0.95, 0.9, 0.6
+    assert g["received"] == 3
+    assert g["wrong"]["index"].tolist() == [4, 1]           # image 4 is a dog said cat, image 1 a cat said dog
+    assert g["errors"] == 2
+
+
+def test_a_dropped_choice_means_the_expert_did_not_receive_the_image():
+    s = _per_image_summary()
+    assert expert_scores(s, 2)[5] == 0
+    assert expert_gallery(s, expert=2)["received"] == 0
+
+
+def test_classes_are_owned_by_the_expert_taking_most_of_them():
+    df = expert_classes(_per_image_summary(), expert=0).set_index("class")
+    assert df.loc["cat", "images"] == 2 and df.loc["cat", "share of class"] == pytest.approx(2 / 3)
+    assert bool(df.loc["cat", "owned"]) and not bool(df.loc["dog", "owned"])   # dogs go mostly to expert 1
+    assert df["share of expert"].sum() == pytest.approx(1.0)
+
+
+def test_per_token_scores_are_the_share_of_patches_and_the_mask_shows_them():
+    s = _per_token_summary()
+    np.testing.assert_allclose(expert_scores(s, 1), [0.75, 0.25])     # class token (position 0) not counted
+    assert expert_gallery(s, 1)["top"]["index"].tolist() == [0, 1]
+    np.testing.assert_array_equal(patch_mask(s, 0, 1), [[True, True], [True, False]])
+
+
+def test_highlight_tints_only_the_masked_patches():
+    image = np.full((1, 4, 4), 100, dtype=np.uint8)
+    out = highlight_patches(image, np.array([[True, False], [False, False]]))
+    assert out.shape == (4, 4, 3) and out.dtype == np.uint8
+    assert out[0, 0, 0] > out[3, 3, 0] and (out[3, 3] == out[2, 2]).all()
+    with pytest.raises(ValueError, match="patch grid"):
+        highlight_patches(np.zeros((1, 5, 5), np.uint8), np.zeros((2, 2), bool))
+
+
+def test_an_expert_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match="expert must be in 0..2"):
+        expert_gallery(_per_image_summary(), expert=3)
+
+
+# ----------------------------------------------------------------------------- the page
+@pytest.fixture(scope="module")
+def gallery_samples(tmp_path_factory):
+    import torch
+
+    from workbench.checkpoint import save_checkpoint
+    from workbench.data import load_dataset
+    from workbench.flops import count_macs
+    from workbench.models import create_model
+
+    ds = load_dataset("synthetic", "test")
+    out = tmp_path_factory.mktemp("gallery")
+    c, h, _ = ds.image_shape
+    for preset, extra in (("mvmoe-2x32-e4k1", {"superclasses": [i % 4 for i in range(ds.num_classes)]}),
+                          ("vmoe-2x32-e4k2", {"moe_layers": [1]}), ("vit-2x32", {})):
+        torch.manual_seed(0)
+        model = create_model(preset, num_classes=ds.num_classes, img_size=h, in_chans=c, patch_size=4, **extra)
+        macs = count_macs(model, ds.image_shape)
+        save_checkpoint(out / preset, model.eval(), {
+            "preset": preset, "dataset": "synthetic", "classes": list(ds.classes), "superclasses": None,
+            "metrics": {"test_accuracy": 0.1}, "macs": macs,
+            "params": {"total": macs["params_total"], "active": macs["params_active"]}})
+    return out
+
+
+@pytest.mark.parametrize("preset", ["mvmoe-2x32-e4k1", "vmoe-2x32-e4k2"])
+def test_the_gallery_page_shows_images_and_the_class_table(gallery_samples, monkeypatch, tmp_path, preset):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(gallery_samples))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
+    at.query_params["ckpt"] = f"samples/{preset}"
+    at.run()
+    at.switch_page("../pages/experts.py").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Expert gallery"
+    assert any("receives" in m.value for m in at.markdown)
+    assert at.dataframe and "owned" in at.dataframe[0].value.columns
+
+
+def test_the_gallery_page_explains_itself_for_a_dense_model(gallery_samples, monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(gallery_samples))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
+    at.query_params["ckpt"] = "samples/vit-2x32"
+    at.run()
+    at.switch_page("../pages/experts.py").run()
+    assert not at.exception
+    assert any("dense model" in i.value for i in at.info) or any("dense model" in w.value for w in at.warning)
+
+
+def test_inspect_opens_the_image_in_the_image_inspector(gallery_samples, monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(gallery_samples))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
+    at.query_params["ckpt"] = "samples/mvmoe-2x32-e4k1"
+    at.run()
+    at.switch_page("../pages/experts.py").run()
+    button = next(b for b in at.button if b.key.startswith("top_"))
+    index = int(button.key.split("_")[1])
+    button.click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Image inspector"
+    assert at.number_input[0].value == index

@@ -21,6 +21,7 @@ PAGES = {
         st.Page("../pages/confusion_graph.py", title="Confusion graph", icon=":material/share:"),
         st.Page("../pages/superclasses.py", title="Super-classes", icon=":material/category:"),
         st.Page("../pages/routing.py", title="Routing", icon=":material/alt_route:"),
+        st.Page("../pages/history.py", title="Routing over training", icon=":material/timeline:"),
         st.Page("../pages/inspector.py", title="Image inspector", icon=":material/image_search:"),
         st.Page("../pages/experts.py", title="Expert gallery", icon=":material/photo_library:"),
         st.Page("../pages/tradeoff.py", title="Accuracy vs MACs", icon=":material/scatter_plot:"),

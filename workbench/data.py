@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "synthetic")
+DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet", "imagefolder:PATH", "synthetic")
 SPLITS = ("train", "test")
 
 
@@ -197,6 +197,9 @@ def load_dataset(name: str, split: str = "train", root: Optional[str | os.PathLi
     if key == "synthetic":
         _check_options(key, kwargs, ("seed", "num_train", "num_test", "num_classes", "num_groups"), download)
         return _load_synthetic(split, **kwargs)
+    if key in ("tiny-imagenet", "tinyimagenet", "tiny-imagenet-200"):
+        _check_options(key, kwargs, ("size",), download)
+        return _load_tiny_imagenet(split, root, **kwargs)
     loaders = {"fashion-mnist": _load_fashion_mnist, "cifar10": _load_cifar10, "cifar100": _load_cifar100}
     if key not in loaders:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -661,6 +664,39 @@ def _read_superclasses(class_root: Path, path: Path, classes: list[str]):
     return groups, names, f"superclasses.json ({sc})"
 
 
+# ----------------------------------------------------------------------------- Tiny ImageNet
+
+def _load_tiny_imagenet(split: str, root, size: Optional[int] = None) -> ImageDataset:
+    """The official tiny-imagenet-200 layout (workbench/tinyimagenet.py); `val` is the test split.
+
+    Reference hierarchy: WordNet 3.0 cut into 10 groups (workbench/wordnet.py).
+    Images keep their size (64x64 officially) unless `size` is given.
+    """
+    from PIL import Image
+
+    from . import tinyimagenet as tin
+    from .wordnet import read_table, wordnet_groups
+
+    folder = tin.find_root(_search_bases(root))
+    wnids, classes, train, val = tin.read_layout(folder)
+    if split == "test" and not val:
+        raise DatasetError(f"{folder}: no val/val_annotations.txt, so there is no labelled test split")
+    with _open_image(train[0][0], Image) as first:
+        wh = (size, size) if size else first.size
+    items = train if split == "train" else val
+    images = _read_images([f for f, _ in items], "RGB", wh, Image)
+    labels = torch.tensor([lbl for _, lbl in items], dtype=torch.int64)
+    stats_from = images if split == "train" else _read_images([f for f, _ in train], "RGB", wh, Image)
+    mean, std = channel_stats(stats_from)
+    table = read_table()
+    groups = names = source = None
+    if all(w in table for w in wnids):
+        k = min(tin.WORDNET_GROUPS, len(wnids))
+        groups, names = wordnet_groups([table[w]["paths"] for w in wnids], k)
+        source = f"WordNet 3.0 hypernyms cut into {k} groups (workbench/wordnet.py) — a reference, not official labels"
+    return ImageDataset("tiny-imagenet", split, images, labels, classes, mean, std, groups, names, source, hflip=True)
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 SYNTHETIC_PATTERNS = ["hstripes", "vstripes", "checker", "rings", "spokes", "dots"]
@@ -782,3 +818,29 @@ def _synthetic_images(n: int, rng: np.random.Generator, group_of: np.ndarray,
     images = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None) -> None:
+    """`python -m workbench.data download tiny-imagenet [--root DIR]` (needs internet; nothing else downloads)."""
+    import argparse
+
+    from . import tinyimagenet as tin
+
+    ap = argparse.ArgumentParser(prog="python -m workbench.data", description="Fetch a dataset for the workbench.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", help="download and check a dataset")
+    d.add_argument("dataset", choices=["tiny-imagenet"])
+    d.add_argument("--root", default=None, help="where to put it (default: $WORKBENCH_DATA, else ./data)")
+    args = ap.parse_args(argv)
+    print(tin.TERMS)
+    try:
+        folder = tin.download(_download_base(args.root), url=tin.URL, md5=tin.MD5)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"Tiny ImageNet is in {folder}; train with --dataset tiny-imagenet --data-root {folder.parent}")
+
+
+if __name__ == "__main__":
+    main()

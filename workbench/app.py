@@ -20,6 +20,7 @@ PAGES = {
         st.Page("../pages/overview.py", title="Overview", icon=":material/info:", default=True),
         st.Page("../pages/confusion_graph.py", title="Confusion graph", icon=":material/share:"),
         st.Page("../pages/superclasses.py", title="Super-classes", icon=":material/category:"),
+        st.Page("../pages/hierarchy.py", title="Super-classes vs hierarchy", icon=":material/account_tree:"),
         st.Page("../pages/routing.py", title="Routing", icon=":material/alt_route:"),
         st.Page("../pages/history.py", title="Routing over training", icon=":material/timeline:"),
         st.Page("../pages/inspector.py", title="Image inspector", icon=":material/image_search:"),

@@ -27,7 +27,8 @@ TINY_IMAGENET_TABLE = RESOURCES / "tiny_imagenet_wordnet.tsv"
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")     # Debian: wordnet-base
 _WNID = re.compile(r"n\d{8}")
 
-__all__ = ["read_data_noun", "hypernym_paths", "read_table", "write_table", "wordnet_groups"]
+__all__ = ["read_data_noun", "hypernym_paths", "read_table", "write_table", "wordnet_groups", "wnids_of",
+           "path_text"]
 
 Path_ = list[tuple[str, str]]   # [(wnid, lemma)], root first
 
@@ -82,6 +83,26 @@ def read_table(path: Path = TINY_IMAGENET_TABLE) -> dict[str, dict]:
             raise ValueError(f"{path}:{n}: expected 'wnid<TAB>name<TAB>path...', got {line[:80]!r}")
         out[wnid] = {"name": name, "paths": [[tuple(node.split(":", 1)) for node in p.split("/")] for p in paths]}
     return out
+
+
+def wnids_of(class_names: Sequence[str], table: dict) -> list[str] | None:
+    """The WordNet ids of classes named as our datasets name them (first name in words.txt), or None.
+
+    Cards store class names, not ids; this finds the ids again for the
+    classes of a Tiny ImageNet checkpoint, so its WordNet reference needs no data.
+    """
+    by_name: dict[str, str] = {}
+    for wnid, entry in table.items():
+        by_name.setdefault(entry["name"].split(",")[0].strip(), wnid)
+        by_name.setdefault(wnid, wnid)
+    out = [by_name.get(str(c).strip()) for c in class_names]
+    return None if any(w is None for w in out) or len(set(out)) != len(out) else out
+
+
+def path_text(paths: list[Path_]) -> str:
+    """The first hypernym path without its 4 most general nodes (entity › physical entity › object › whole)."""
+    lemmas = [lemma.replace("_", " ") for _, lemma in paths[0]]
+    return " › ".join(lemmas[4:] if len(lemmas) > 6 else lemmas)
 
 
 def _ancestors(paths: list[Path_]) -> dict[str, int]:

@@ -43,6 +43,8 @@ class Experts(nn.Module):
         choices survived capacity (None: all). Items with no kept choice come
         back as zeros, so the residual carries them unchanged.
         """
+        if torch.compiler.is_exporting():
+            return self.forward_gathered(x, experts, weights, kept)
         N, k = experts.shape
         assignment = torch.arange(N * k, device=x.device)              # item * k + choice
         if kept is not None:
@@ -64,3 +66,20 @@ class Experts(nn.Module):
         buffer[assignment] = y
         buffer = buffer.view(N, k, *x.shape[1:])
         return buffer[:, 0] if k == 1 else buffer.sum(1)
+
+    def forward_gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                         kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same sum as `forward`, with each item's experts' weights gathered: no data-dependent shapes.
+
+        Used while exporting (ONNX, torch.export): every expert's weights stay in
+        the graph and the router's choice indexes them at run time, so nothing
+        is specialised to the example input. Compute is still only the chosen
+        experts; memory holds k weight copies per item, fine for deployment
+        batches but not for training.
+        """
+        N, k = experts.shape
+        w = weights.to(x.dtype) if kept is None else weights.to(x.dtype) * kept.to(x.dtype)
+        items = x.reshape(N, -1, x.shape[-1])                                  # (N, S, D); S = 1 per token
+        h = torch.einsum("nsd,nkhd->nksh", items, self.fc1_weight[experts]) + self.fc1_bias[experts][:, :, None]
+        y = torch.einsum("nksh,nkdh->nksd", F.gelu(h), self.fc2_weight[experts]) + self.fc2_bias[experts][:, :, None]
+        return (y * w[:, :, None, None]).sum(1).reshape(x.shape)

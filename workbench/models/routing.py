@@ -109,8 +109,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, add_noise: bool):
         """x: (N, D) -> dict with logits, noisy logits, probs, experts, gates, aux losses."""
         clean = self.proj(x).float()                                   # router math in fp32
-        if self.disabled.any():
-            clean = clean.masked_fill(self.disabled, float("-inf"))
+        clean = clean.masked_fill(self.disabled, float("-inf"))         # no branch on data: exportable
         noisy = clean
         if add_noise and self.noise_std > 0:
             noisy = clean + self.noise_std * torch.randn_like(clean)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .config import ModelConfig, paper_grid_presets, parse_preset
 from .mvmoe import ImageDecision, ImageMoE, ImageRouter, MobileVMoE
-from .routing import Router, RoutingRecord, TokenRouting, capacity, route_tokens
+from .routing import Router, RoutingRecord, TokenRouting, capacity, capacity_rule, route_tokens
 from .vit import ModelOutput, VisionTransformer, weigh_aux_losses
 from .vmoe import TokenMoE, VMoE
 
@@ -46,7 +46,7 @@ def create_model(name: str, num_classes: int = 10, img_size: int = 28, in_chans:
 
 __all__ = [
     "ModelConfig", "ModelOutput", "RoutingRecord", "VisionTransformer", "VMoE", "MobileVMoE",
-    "TokenMoE", "ImageMoE", "ImageRouter", "ImageDecision", "Router", "TokenRouting", "route_tokens", "capacity",
+    "TokenMoE", "ImageMoE", "ImageRouter", "ImageDecision", "Router", "TokenRouting", "route_tokens", "capacity", "capacity_rule",
     "weigh_aux_losses",
     "build_model", "create_model", "parse_preset", "paper_grid_presets",
 ]

@@ -50,6 +50,32 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_ratio: floa
     return cap + (-cap) % int(multiple_of)
 
 
+def capacity_rule(num_tokens: int, num_experts: int, top_k: int, capacity_ratio: float,
+                  multiple_of: int = 1, ceil_or_round: str = "ceil") -> dict:
+    """The capacity rule step by step, for pages that explain why C is what it is.
+
+    Keys: share (k*C*S/E), first (after ceil/round), capacity (after rounding up to a
+    multiple), rule ("reference" when rounded to a multiple > 1, else "paper"), formula
+    (LaTeX of the rule in use) and text (the numbers, one line).
+    """
+    share = top_k * capacity_ratio * num_tokens / num_experts
+    first = capacity(num_tokens, num_experts, top_k, capacity_ratio, 1, ceil_or_round)
+    final = capacity(num_tokens, num_experts, top_k, capacity_ratio, multiple_of, ceil_or_round)
+    op = (r"\left\lceil", r"\right\rceil") if ceil_or_round == "ceil" else (r"\operatorname{round}\left(", r"\right)")
+    inner = op[0] + r" \frac{k \cdot C \cdot S}{E} " + op[1]
+    bracket = "⌈·⌉" if ceil_or_round == "ceil" else "round(·)"
+    text = (f"k·C·S/E = {top_k} · {capacity_ratio:g} · {num_tokens} / {num_experts} = {share:.2f}, "
+            f"{bracket} → {first}")
+    if multiple_of > 1:
+        formula = rf"\text{{capacity}} = {multiple_of} \left\lceil \frac{{{inner}}}{{{multiple_of}}} \right\rceil"
+        text += f", rounded up to a multiple of {multiple_of} → {final}"
+    else:
+        formula = rf"\text{{capacity}} = {inner}"
+    return {"share": share, "first": first, "capacity": final, "multiple_of": multiple_of,
+            "ceil_or_round": ceil_or_round, "rule": "reference" if multiple_of > 1 else "paper",
+            "formula": formula, "text": text}
+
+
 # --------------------------------------------------------------------------- the pure routing function
 @dataclass
 class TokenRouting:

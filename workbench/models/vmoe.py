@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .experts import Experts
-from .routing import Router, RoutingRecord, TokenRouting, capacity
+from .routing import Router, RoutingRecord, TokenRouting, capacity, capacity_rule
 from .vit import VisionTransformer
 
 
@@ -109,6 +109,14 @@ class VMoE(VisionTransformer):
 
     def moe_layers(self) -> list:
         return [m for m in self.modules() if isinstance(m, TokenMoE)]
+
+    def capacity_rule(self, top_k: Optional[int] = None, capacity_ratio: Optional[float] = None) -> dict:
+        """`routing.capacity_rule` for a full routing group at the current settings (eval capacity
+        ratio unless training), optionally at another k or capacity ratio."""
+        layer = self.moe_layers()[0]
+        return capacity_rule(self.cfg.group_size * (self.cfg.num_patches + 1), self.cfg.num_experts,
+                             top_k or layer.router.k, capacity_ratio or layer.ratio, layer.capacity_multiple_of,
+                             layer.capacity_ceil_or_round)
 
     def _layer_settings(self) -> dict:
         first = self.moe_layers()[0]

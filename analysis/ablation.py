@@ -51,7 +51,7 @@ def expert_ablation(model: nn.Module, images, labels, mean: Sequence[float], std
     labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1)
     C = cfg.num_classes
     names = list(classes) if classes is not None else [str(c) for c in range(C)]
-    already = set(cfg.disabled_experts)
+    already = set(model.routing_settings()["disabled_experts"])
     todo = [e for e in (range(cfg.num_experts) if experts is None else experts) if e not in already]
     base_pred = predict_logits(model, images, mean, std, batch_size, bf16=bf16).argmax(1)
     base = per_class_accuracy(base_pred, labels, C)

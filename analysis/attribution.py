@@ -1,8 +1,8 @@
 """Pixel attributions with captum.attr: for a class logit, and for a ROUTER logit.
 
 "Which pixels sent this image to expert e?" `router_attribution` wraps the
-model up to the router of one MoE block (`RouterLogits`: the forward stops as
-soon as that router has run) and attributes expert e's router logit —
+model up to the router of one MoE block (`RouterLogits`: `model.router_logits`
+runs the model only up to that block) and attributes expert e's router logit —
 per-image routing: the image's logit; per-token routing: the mean logit of e
 over the chosen tokens of that block. `class_attribution` does the same for a
 class logit of the full model. Methods (captum.attr, not the deprecated
@@ -29,30 +29,21 @@ __all__ = ["RouterLogits", "attribute", "class_attribution", "router_attribution
 METHODS = ("ig", "saliency", "occlusion")
 
 
-class _Reached(Exception):
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
-
-
-def _router_module(model: nn.Module, layer: Optional[int]) -> tuple:
-    """(Router module of MoE block `layer` (None: the first), block index)."""
-    cfg = model.cfg
-    blocks = cfg.moe_block_indices()
+def _moe_block(model: nn.Module, layer: Optional[int]) -> int:
+    """MoE block `layer` (None: the first), checked."""
+    blocks = model.cfg.moe_block_indices()
     if not blocks:
         raise ValueError("a dense model has no router")
     layer = blocks[0] if layer is None else int(layer)
     if layer not in blocks:
         raise ValueError(f"block {layer} is not an MoE block; MoE blocks are {blocks}")
-    if cfg.family == "mvmoe":
-        # one shared router decides for every MoE block unless per_layer_routers
-        return model.routers[blocks.index(layer) if cfg.per_layer_routers else 0].router, layer
-    return model.blocks[layer].mlp.router, layer
+    return layer
 
 
 class RouterLogits(nn.Module):
     """x (B, C, H, W) normalised -> (B, E) router logits of one MoE block.
 
-    The model runs only until that router has run (a forward hook stops it).
+    The model runs only up to that block (`model.router_logits`).
     Per-token routers: the mean logit over `tokens` of the block — "patches"
     (default), "all", "cls", or a list of patch indices (row-major in the
     patch grid). Disabled experts have logit -inf.
@@ -62,7 +53,7 @@ class RouterLogits(nn.Module):
                  tokens: Union[str, Sequence[int]] = "patches"):
         super().__init__()
         self.model = model
-        self.router, self.layer = _router_module(model, layer)
+        self.layer = _moe_block(model, layer)
         self.per_token = model.cfg.family == "vmoe"
         T = model.cfg.num_patches + 1
         if isinstance(tokens, str):
@@ -76,18 +67,7 @@ class RouterLogits(nn.Module):
         self.register_buffer("token_index", torch.tensor(sel), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def stop(module, args, out):
-            raise _Reached(out["logits"])
-
-        handle = self.router.register_forward_hook(stop)
-        try:
-            self.model(x)
-        except _Reached as reached:
-            logits = reached.logits
-        else:  # pragma: no cover - the router always runs
-            raise RuntimeError("the router did not run")
-        finally:
-            handle.remove()
+        logits = self.model.router_logits(x, self.layer)
         if self.per_token:
             B = x.shape[0]
             logits = logits.view(B, -1, logits.shape[-1]).index_select(1, self.token_index).mean(1)

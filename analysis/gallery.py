@@ -18,12 +18,13 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from analysis.collect import LayerRouting, RoutingSummary
+from analysis.collect import RoutingSummary
+from workbench.models import RoutingRecord
 
 __all__ = ["expert_scores", "expert_gallery", "expert_classes", "patch_mask", "highlight_patches"]
 
 
-def _check_expert(lr: LayerRouting, expert: int) -> None:
+def _check_expert(lr: RoutingRecord, expert: int) -> None:
     if not 0 <= int(expert) < lr.num_experts:
         raise ValueError(f"expert must be in 0..{lr.num_experts - 1}, got {expert}")
 

@@ -26,7 +26,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .collect import LayerRouting, RoutingSummary, collect_routing, routing_overrides
+from workbench.models import RoutingRecord
+
+from .collect import RoutingSummary, collect_routing, routing_overrides
 
 __all__ = [
     "image_expert_counts", "class_expert_counts", "expert_load", "load_stats", "gini", "cv_squared",
@@ -38,7 +40,7 @@ __all__ = [
 
 
 # =========================================================================== assignments
-def _select(lr: LayerRouting, tokens: str, ranks: Optional[Sequence[int]], after_capacity: bool):
+def _select(lr: RoutingRecord, tokens: str, ranks: Optional[Sequence[int]], after_capacity: bool):
     """experts (N, M) and a mask (N, M) of the assignments to count (M = tokens x ranks)."""
     experts, mask = lr.experts, lr.kept if after_capacity else np.ones(lr.kept.shape, dtype=bool)
     if ranks is not None:
@@ -55,7 +57,7 @@ def _select(lr: LayerRouting, tokens: str, ranks: Optional[Sequence[int]], after
     return experts.reshape(N, -1), mask.reshape(N, -1)
 
 
-def image_expert_counts(lr: LayerRouting, *, after_capacity: bool = True, ranks: Optional[Sequence[int]] = None,
+def image_expert_counts(lr: RoutingRecord, *, after_capacity: bool = True, ranks: Optional[Sequence[int]] = None,
                         tokens: str = "all") -> np.ndarray:
     """(N, E) assignments each image sent to each expert.
 

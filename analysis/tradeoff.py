@@ -57,10 +57,11 @@ def sweep_routing(model: nn.Module, images, labels, mean: Sequence[float], std: 
     cfg = model.cfg
     if cfg.family == "vit":
         raise ValueError("a dense model has no routing to sweep")
-    enabled = cfg.num_experts - len(set(cfg.disabled_experts))
+    settings = model.routing_settings()
+    enabled = cfg.num_experts - len(settings["disabled_experts"])
     ks = list(range(1, enabled + 1)) if ks is None else [int(k) for k in ks]
     if cfg.family == "vmoe":
-        ratios = sorted({0.5, 1.0, 1.5, 2.0, float(cfg.eval_capacity_ratio)}) if capacity_ratios is None \
+        ratios = sorted({0.5, 1.0, 1.5, 2.0, float(settings["eval_capacity_ratio"])}) if capacity_ratios is None \
             else [float(c) for c in capacity_ratios]
     else:
         if capacity_ratios is not None:

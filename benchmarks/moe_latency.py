@@ -17,7 +17,6 @@ is the figure to read. Rows:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -37,11 +36,13 @@ def naive_all_experts_then_mask(moe: TokenMoE, h: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, then keep the routed ones (what we avoid)."""
     B, T, D = h.shape
     flat = h.reshape(-1, D)
-    r = moe.router(flat, add_noise=False)
+    r = moe.route(h)
+    k = r.expert_index.shape[-1]
     ex = moe.experts
     hidden = F.gelu(torch.einsum("nd,ehd->enh", flat, ex.fc1_weight) + ex.fc1_bias[:, None])
     y = torch.einsum("enh,edh->end", hidden, ex.fc2_weight) + ex.fc2_bias[:, None]   # (E, N, D)
-    combine = torch.zeros(flat.shape[0], ex.num_experts).scatter_(1, r["experts"], r["gates"])
+    combine = torch.zeros(flat.shape[0], ex.num_experts).scatter_(1, r.expert_index.reshape(-1, k),
+                                                                  r.gates.reshape(-1, k))
     return torch.einsum("ne,end->nd", combine, y).view(B, T, D)
 
 
@@ -52,9 +53,9 @@ def onehot_einsum_dispatch(moe: TokenMoE, h: torch.Tensor) -> torch.Tensor:
     """
     G, S, D = h.shape
     E, k = moe.router.num_experts, moe.router.top_k
-    r = moe.router(h.reshape(-1, D), add_noise=False)
-    experts, gates = r["experts"].view(G, S, k), r["gates"].view(G, S, k)
-    cap = max(1, math.ceil(k * moe.eval_capacity_ratio * S / E))
+    r = moe.route(h)
+    experts, gates = r.expert_index, r.gates
+    cap = moe.capacity(tokens_per_image=S)
     mask = F.one_hot(experts, E).float()                                   # (G, S, k, E)
     choice_major = mask.transpose(1, 2).reshape(G, k * S, E)               # 1st choices first
     pos = (choice_major.cumsum(1) - 1).view(G, k, S, E).transpose(1, 2) * mask
@@ -119,8 +120,9 @@ def measure(batch: int = 256, repeats: int = 7, experts=(4, 8, 16), train_batch:
                 "naive": lambda: naive_all_experts_then_mask(layer, h),
                 "onehot": lambda: onehot_einsum_dispatch(layer, h),
             }, repeats)
-            r, kept = layer.route(h)
-            args = (h.reshape(-1, h.shape[-1]), r["experts"], r["gates"], kept)
+            r = layer.route(h)
+            args = (h.reshape(-1, h.shape[-1]), r.expert_index.reshape(-1, 2), r.gates.reshape(-1, 2),
+                    r.kept.reshape(-1, 2))
             torch.testing.assert_close(layer.experts(*args), index_add_experts(layer.experts, *args))
             t.update({f"{k}_combine": v for k, v in side_by_side({
                 "ours": lambda: layer.experts(*args),

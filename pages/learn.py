@@ -36,9 +36,12 @@ st.markdown("""
 With per-token routing an expert could be chosen by far more tokens than others. To keep compute fixed,
 every expert gets a **buffer of fixed size** — its *capacity*:
 """)
-st.latex(r"\text{capacity} = \left\lceil \frac{k \cdot C \cdot \text{tokens in the group}}{E} \right\rceil")
+st.latex(r"\text{capacity} = \left\lceil \frac{k \cdot C \cdot S}{E} \right\rceil")
 st.markdown("""
-where **C** is the *capacity ratio*. C = 1 means room for exactly a fair share. Tokens that arrive at a full
+where **C** is the *capacity ratio* and **S** the number of tokens in a routing group. C = 1 means room for
+exactly a fair share. The reference implementation (google-research/vmoe) then rounds the capacity **up to a
+multiple of 4**; new models here do the same, so they route exactly like it (older checkpoints keep the paper's
+formula without rounding — each model's card says which rule it uses). Tokens that arrive at a full
 expert are **dropped** for that expert: they skip the layer through the residual connection.
 
 *Who arrives first?* All first choices are placed before any second choice. Within a rank,
@@ -114,9 +117,13 @@ results = {}
 for name, bpr in (("Vanilla (position order)", False), ("BPR (confidence order)", True)):
     results[name] = route_one(digest, index, float(capacity_ratio), bpr, int(top_k), int(layer), model, ds)
 first = next(iter(results.values()))
+rule = model.capacity_rule(top_k=int(top_k), capacity_ratio=float(capacity_ratio))
 st.markdown(f"Image **{index}** ({md(ds.classes[int(ds.labels[index])])}): {first['tokens']} tokens, "
             f"{model.cfg.num_experts} experts, k = {top_k}, C = {capacity_ratio:.2f} → "
-            f"**capacity {first['capacity']} tokens per expert**.")
+            f"**capacity {first['capacity']} tokens per expert**. This model uses the "
+            f"{'reference (rounded)' if rule['rule'] == 'reference' else 'paper (unrounded)'} rule:")
+st.latex(rule["formula"])
+st.caption(rule["text"])
 cols = st.columns(2)
 for col, (name, r) in zip(cols, results.items()):
     fig = spatial_map_figure(ds.images[index], r["grid"], model.cfg.num_experts, class_token_expert=r["class_token"],

@@ -30,6 +30,11 @@ def routing_analysis(digest: str, n: int, top_k: int, capacity_ratio, bpr, disab
     return {"summary": summary, "report": report, "macs": macs, "accuracy": summary.accuracy}
 
 
+def capacity_rule(path, top_k: int, capacity_ratio: float) -> dict:
+    """The capacity rule of the checkpoint's model at these settings (formula and numbers)."""
+    return load_model(path).capacity_rule(top_k=top_k, capacity_ratio=capacity_ratio)
+
+
 @st.cache_data(show_spinner="Comparing BPR with vanilla priority…", max_entries=16)
 def bpr_comparison(digest: str, n: int, top_k: int, capacity_ratio: float, disabled: tuple, bf16: bool, _path, _ds):
     model = copy.deepcopy(load_model(_path))
@@ -144,6 +149,12 @@ with right:
 # ----------------------------------------------------------------------------- capacity
 if family == "vmoe":
     st.header("Capacity: pre- vs post-capacity")
+    rule = capacity_rule(path, int(top_k), float(capacity_ratio))
+    which = (f"google-research/vmoe's, rounded up to a multiple of {rule['multiple_of']}"
+             if rule["rule"] == "reference" else "the paper's formula, not rounded")
+    st.markdown(f"Capacity rule of this model ({which}); S = tokens per routing group:")
+    st.latex(rule["formula"])
+    st.caption(rule["text"] + " tokens per expert and group.")
     st.dataframe(report["drop_summary"].round(4), hide_index=True)
     drops = report["drops"]
     d = drops[drops.layer == layer].pivot_table(index="expert", columns="rank", values="drop_rate")

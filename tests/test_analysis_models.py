@@ -134,7 +134,9 @@ def test_disabling_all_but_one_expert_equals_forcing_that_expert(name, data):
     with force_expert(model, 1):
         b = forward(model, data[0]).logits
     assert (a - b).abs().max() > 1e-4
-    assert model.cfg.top_k == (1 if name.startswith("mvmoe") else 2) and model.cfg.disabled_experts == []
+    s = model.routing_settings()
+    assert s["top_k"] == (1 if name.startswith("mvmoe") else 2) and s["disabled_experts"] == []
+    assert s["force_expert"] is None
 
 
 def test_oracle_routing_sends_each_image_to_its_super_class_expert(data):
@@ -169,7 +171,7 @@ def test_expert_ablation_reports_per_class_changes_and_restores_the_model(data):
     m = impact_matrix(ab)
     assert m.shape == (4, 4) and np.isfinite(m.to_numpy()).all()
     assert set(ab[ab["class"] == "all"]["expert"]) == {0, 1, 2, 3}
-    assert model.cfg.disabled_experts == [] and all(
+    assert model.routing_settings()["disabled_experts"] == [] and all(
         not blk.mlp.router.disabled.any() for blk in model.blocks)
 
 
@@ -188,7 +190,8 @@ def test_bpr_drops_less_gate_mass_than_vanilla_at_tight_capacity(data):
     cmp = compare_batch_priority(model, *data, MEAN, STD, eval_capacity_ratio=0.5).set_index("priority")
     assert cmp.loc["BPR", "dropped"] == cmp.loc["vanilla", "dropped"] > 0         # as many drops...
     assert cmp.loc["BPR", "dropped_gate_share"] < cmp.loc["vanilla", "dropped_gate_share"]  # ...of less confident ones
-    assert model.cfg.batch_priority is True and model.cfg.eval_capacity_ratio == 2.0
+    s = model.routing_settings()
+    assert s["batch_priority"] is True and s["eval_capacity_ratio"] == 2.0
 
 
 # ---------------------------------------------------------------- sweeps and MACs
@@ -206,7 +209,7 @@ def test_k_sweep_macs_match_count_macs_of_a_real_forward(name, data):
             acc = (out.logits.argmax(1) == data[1]).float().mean().item()
         assert row["macs_active"] == pytest.approx(expected)
         assert row["accuracy"] == pytest.approx(acc)
-    assert model.cfg.top_k == int(name[-1])
+    assert model.routing_settings()["top_k"] == int(name[-1])
 
 
 # ---------------------------------------------------------------- embeddings

@@ -4,12 +4,13 @@ import math
 import numpy as np
 import pytest
 
-from analysis.collect import LayerRouting, RoutingSummary
+from analysis.collect import RoutingSummary
 from analysis.routing import (
     capacity_drops, class_expert_counts, cv_squared, drop_summary, expert_load, expert_specialisation, gini,
     image_expert_counts, imbalance_flag, layer_agreement, load_balance, mapped_agreement, mutual_information,
     normalized_mutual_info, router_superclass_accuracy, routing_entropy, routing_report, spatial_expert_maps,
 )
+from workbench.models import RoutingRecord
 
 
 def image_layer(experts, E=4, layer=0, probs=None):
@@ -17,7 +18,7 @@ def image_layer(experts, E=4, layer=0, probs=None):
     ex = np.asarray(experts).reshape(len(experts), -1)
     if probs is None:
         probs = np.eye(E, dtype=np.float32)[ex[:, 0]]
-    return LayerRouting(layer=layer, kind="image", experts=ex, kept=np.ones(ex.shape, bool),
+    return RoutingRecord(layer=layer, kind="image", experts=ex, kept=np.ones(ex.shape, bool),
                         gates=np.take_along_axis(np.asarray(probs), ex, 1).astype(np.float32),
                         probs=np.asarray(probs, dtype=np.float32))
 
@@ -28,7 +29,7 @@ def token_layer(experts, kept=None, E=4, layer=1, gates=None):
     kept = np.ones(ex.shape, bool) if kept is None else np.asarray(kept)
     gates = np.full(ex.shape, 0.5, np.float32) if gates is None else np.asarray(gates, np.float32)
     probs = np.full(ex.shape[:2] + (E,), 1.0 / E, np.float32)
-    return LayerRouting(layer=layer, kind="token", experts=ex, kept=kept, gates=gates, probs=probs, capacity=2)
+    return RoutingRecord(layer=layer, kind="token", experts=ex, kept=kept, gates=gates, probs=probs, capacity=2)
 
 
 def summary(layers, labels, num_classes=4, family="mvmoe", superclasses=None, grid=0, disabled=()):

@@ -391,3 +391,11 @@ def test_upload_refuses_wrong_files(data, why):
 
     with pytest.raises(ValueError, match=why):
         read_uploaded_image(data, (1, 28, 28))
+
+
+def test_routing_and_learn_pages_show_the_capacity_rule_in_use(app_env):
+    # the tiny per-token sample is a new model: the reference rule, C rounded up to a multiple of 4
+    at = _select(_app("routing"), "samples/vmoe-4x32-e4k2")
+    assert "rounded up to a multiple of 4" in _texts(at)
+    at = _select(_app("learn"), "samples/vmoe-4x32-e4k2")
+    assert "rounded up to a multiple of 4" in _texts(at) and at.latex

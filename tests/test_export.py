@@ -89,3 +89,15 @@ def test_the_hf_folder_is_a_checkpoint_with_a_model_card(tmp_path):
     loaded, _ = load_checkpoint(out)
     x = torch.randn(3, *SHAPE)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_per_token_moe_exports_and_matches_with_capacity_drops(tmp_path):
+    model = _model("vmoe-2x32-e4k2", moe_layers=[1])
+    model.set_routing(eval_capacity_ratio=0.5)          # tight buffers: some tokens are dropped
+    x = torch.randn(16, *SHAPE)
+    with torch.inference_mode():
+        assert model(x, return_routing=True).routing[0].dropped_assignments > 0
+    path = export_onnx(model, tmp_path / "t.onnx", SHAPE)
+    assert check_all_experts_in_graph(model, path) == 1
+    r = onnx_parity(model, path, x)
+    assert r["agreement"] == 1.0 and r["max_abs_diff"] <= 1e-4

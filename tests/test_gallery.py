@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.collect import LayerRouting, RoutingSummary
+from analysis.collect import RoutingSummary
+from workbench.models import RoutingRecord
 from analysis.gallery import expert_classes, expert_gallery, expert_scores, highlight_patches, patch_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def _per_image_summary() -> RoutingSummary:
     kept = np.array([[True], [True], [True], [True], [True], [False]])
     gates = np.array([[0.9], [0.6], [0.8], [0.7], [0.95], [0.5]], dtype=np.float32)
     probs = np.full((6, 3), 1 / 3, dtype=np.float32)
-    lr = LayerRouting(layer=4, kind="image", experts=experts, kept=kept, gates=gates, probs=probs)
+    lr = RoutingRecord(layer=4, kind="image", experts=experts, kept=kept, gates=gates, probs=probs)
     return RoutingSummary(family="mvmoe", layers=[lr], labels=np.array([0, 0, 1, 1, 1, 0]),
                           predictions=np.array([0, 1, 1, 1, 0, 0]), features=np.zeros((6, 2), np.float32),
                           router_inputs=None, num_classes=2, classes=["cat", "dog"], grid=2)
@@ -29,7 +30,7 @@ def _per_token_summary() -> RoutingSummary:
     experts = np.array([[[1], [1], [1], [1], [0]], [[1], [0], [0], [0], [1]]])
     kept = np.ones_like(experts, dtype=bool)
     gates = np.full(experts.shape, 0.5, dtype=np.float32)
-    lr = LayerRouting(layer=1, kind="token", experts=experts, kept=kept, gates=gates,
+    lr = RoutingRecord(layer=1, kind="token", experts=experts, kept=kept, gates=gates,
                       probs=np.full((2, 5, 2), 0.5, dtype=np.float32))
     return RoutingSummary(family="vmoe", layers=[lr], labels=np.array([0, 1]), predictions=np.array([0, 1]),
                           features=np.zeros((2, 2), np.float32), router_inputs=None, num_classes=2, grid=2)

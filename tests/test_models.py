@@ -87,10 +87,8 @@ def test_per_layer_routers_decide_independently():
 
 def test_router_reads_the_output_of_the_last_dense_block():
     model = create_model("mvmoe-3x64-e4k1", router_input="cls").eval()
-    seen = {}
-    model.blocks[0].register_forward_hook(lambda m, i, o: seen.setdefault("dense_out", o))
-    out = model(images(), return_routing=True)
-    assert torch.allclose(out.routing[0].router_input, seen["dense_out"][:, 0])
+    out = model.forward_intermediates(images(), indices=[0])
+    assert torch.allclose(out.routing[0].router_input, out.intermediates[0][:, 0])
 
 
 def test_superclass_router_loss_is_lambda_times_cross_entropy():
@@ -123,13 +121,14 @@ def slow_reference_moe(x, experts: Experts, chosen, weights, kept):
 def test_per_image_moe_equals_a_slow_loop_over_experts():
     model = create_model("mvmoe-2x64-e4k2", moe_layers=[1]).eval()
     x = model.embed(images())
-    x = model.blocks[0](x)
+    x, _, _ = model.blocks[0](x)
     blk = model.blocks[1]
-    _, decision = model.routers[0](x)
-    h = blk.norm2(blk.attend(x))
-    fast = blk.mlp(h, decision["experts"], decision["gates"])
-    ref = slow_reference_moe(h, blk.mlp.experts, decision["experts"], decision["gates"],
-                             torch.ones_like(decision["experts"], dtype=torch.bool))
+    decision = model.routers[0](x)
+    h = blk.norm2(x + blk.attn(blk.norm1(x)))
+    fast, record, _ = blk.mlp(h, decision)
+    ref = slow_reference_moe(h, blk.mlp.experts, decision.experts, decision.gates,
+                             torch.ones_like(decision.experts, dtype=torch.bool))
+    assert torch.equal(record.experts, decision.experts) and record.kept.all()
     assert torch.allclose(fast, ref, atol=1e-5)
 
 
@@ -208,6 +207,55 @@ def test_top_k_can_change_without_retraining():
         model.set_routing(top_k=5)
 
 
+def test_set_routing_is_module_state_and_leaves_the_config_as_built():
+    model = create_model("vmoe-2x64-e4k2", moe_layers=[1]).eval()
+    built = model.cfg.to_dict()
+    model.set_routing(top_k=1, eval_capacity_ratio=0.5, batch_priority=False, disabled_experts=[2],
+                      capacity_multiple_of=1)
+    assert model.cfg.to_dict() == built
+    s = model.routing_settings()
+    assert (s["top_k"], s["eval_capacity_ratio"], s["batch_priority"], s["disabled_experts"],
+            s["capacity_multiple_of"]) == (1, 0.5, False, [2], 1)
+    rec = model(images(), return_routing=True).routing[0]
+    assert rec.experts.shape[-1] == 1 and rec.capacity == 7   # ceil(1 * 0.5 * 50 / 4), no rounding
+    with pytest.raises(ValueError, match="top_k"):
+        model.set_routing(top_k=1, disabled_experts=[0, 1, 2, 3])
+    assert model.routing_settings() == s                       # a refused change changes nothing
+
+
+def test_forcing_an_expert_sends_everything_there_with_gate_one():
+    model = create_model("vmoe-2x64-e4k2", moe_layers=[1]).eval()
+    model.set_routing(force_expert=3)
+    rec = model(images(), return_routing=True).routing[0]
+    assert (rec.experts == 3).all() and (rec.gates == 1).all() and rec.experts.shape[-1] == 1
+    model.set_routing(force_expert=None)
+    assert model(images(), return_routing=True).routing[0].experts.shape[-1] == 2
+
+
+def test_every_block_answers_the_same_call():
+    for name in ("vit-2x64", "vmoe-2x64-e4k2", "mvmoe-2x64-e4k1"):
+        model = create_model(name, **({} if name.startswith("vit") else {"moe_layers": [1]})).eval()
+        x = model.embed(images())
+        decision = None
+        for i, blk in enumerate(model.blocks):
+            decision, _ = model.decide(i, x, decision, None)
+            x, record, aux = blk(x, decision)
+            assert x.shape == (6, 50, 64) and isinstance(aux, dict)
+            assert (record is None) == (i not in model.moe_block_indices)
+
+
+def test_forward_intermediates_keeps_block_outputs_and_can_stop_early():
+    model = create_model("vmoe-4x64-e4k1", moe_layers=[1, 3]).eval()
+    x = images()
+    full = model.forward_intermediates(x, indices=2)
+    assert sorted(full.intermediates) == [2, 3] and torch.allclose(full.logits, model(x))
+    early = model.forward_intermediates(x, indices=[1], stop_early=True)
+    assert early.logits is None and [r.layer for r in early.routing] == [1]
+    assert torch.equal(model.router_logits(x, 1), early.routing[0].logits)
+    with pytest.raises(ValueError, match="not an MoE block"):
+        model.router_logits(x, 0)
+
+
 def test_per_image_models_refuse_capacity_settings():
     with pytest.raises(ValueError, match="capacity"):
         create_model("mvmoe-2x64-e4k1").set_routing(eval_capacity_ratio=0.5)
@@ -227,6 +275,19 @@ def test_per_image_models_refuse_capacity_settings():
     ("vit-6x96", {"depth": 7}, "contradict preset"),
     ("resnet-50", {}, "unknown preset"),
     ("vit-6x96", {"num_classes": 0}, "num_classes"),
+    ("vit-6x96", {"mlp_ratio": -1.0}, "mlp_ratio must be a number > 0"),
+    ("vit-6x96", {"mlp_ratio": 0}, "mlp_ratio must be a number > 0"),
+    ("vit-6x96", {"mlp_ratio": float("nan")}, "mlp_ratio"),
+    ("mvmoe-6x96-e4k1", {"superclass_loss_weight": -0.1}, "superclass_loss_weight must be a number >= 0"),
+    ("vmoe-6x96-e4k1", {"importance_loss_weight": float("inf")}, "importance_loss_weight"),
+    ("vmoe-6x96-e4k1", {"load_loss_weight": -1}, "load_loss_weight"),
+    ("vmoe-6x96-e4k1", {"noise_std": -0.5}, "noise_std"),
+    ("vmoe-6x96-e4k1", {"eval_capacity_ratio": 0}, "eval_capacity_ratio must be a number > 0"),
+    ("vmoe-6x96-e4k1", {"group_size": 0}, "group_size must be an integer >= 1"),
+    ("vmoe-6x96-e4k1", {"capacity_multiple_of": 0}, "capacity_multiple_of"),
+    ("vmoe-6x96-e4k1", {"capacity_ceil_or_round": "floor"}, "capacity_ceil_or_round"),
+    ("vit-6x96", {"num_classes": 2.5}, "num_classes must be an integer"),
+    ("vit-6x96", {"superclasses": [0] * 10}, "super-class map only guides the per-image"),
 ])
 def test_invalid_configurations_raise_clear_errors(name, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -236,6 +297,13 @@ def test_invalid_configurations_raise_clear_errors(name, overrides, message):
 def test_wrong_input_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="expected input"):
         create_model("vit-2x64")(torch.randn(2, 3, 28, 28))
+
+
+def test_a_config_saved_before_capacity_rounding_keeps_the_papers_rule():
+    old = create_model("vmoe-6x96-e8k2").cfg.to_dict()
+    del old["capacity_multiple_of"], old["capacity_ceil_or_round"]
+    assert ModelConfig.from_dict(old).capacity_multiple_of == 1
+    assert create_model("vmoe-6x96-e8k2").cfg.capacity_multiple_of == 4   # new models match the reference
 
 
 def test_config_round_trips_through_a_plain_dict():

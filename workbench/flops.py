@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from .models.config import ModelConfig, capacity
+from .models.config import ModelConfig
 
 __all__ = ["count_macs", "measure_macs", "count_params"]
 
@@ -55,21 +56,26 @@ def _shape(cfg: ModelConfig, input_shape: Sequence[int]) -> None:
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int], routing: Optional[list] = None) -> dict:
-    """Analytic MACs per image at the model's current routing settings.
+    """Analytic MACs per image at the model's current routing settings (`model.routing_settings()`).
 
-    routing: RoutingRecords of a real forward pass. For per-token models they
-    give the assignments actually processed (after capacity) and the experts
-    actually touched per image; without them we assume balanced routing, where
-    a group processes min(k * tokens, E_enabled * capacity) assignments.
+    routing: RoutingRecords of a real forward pass (torch, or their numpy view).
+    For per-token models they give the assignments actually processed (after
+    capacity) and the experts actually touched per image; without them we
+    assume balanced routing, where a group processes min(k * tokens,
+    E_enabled * capacity) assignments, with the layer's own `capacity()`.
     Returns active/dense MACs, parameter counts and a per-part breakdown.
     """
     cfg: ModelConfig = model.cfg
     _shape(cfg, input_shape)
-    D, H, T, E, k = cfg.width, cfg.mlp_hidden, cfg.num_patches + 1, cfg.num_experts, cfg.top_k
-    enabled = E - len(set(cfg.disabled_experts))
+    D, H, T, E = cfg.width, cfg.mlp_hidden, cfg.num_patches + 1, cfg.num_experts
+    settings = model.routing_settings() if cfg.is_moe else {}
+    forced = settings.get("force_expert") is not None
+    k = 1 if forced else settings.get("top_k", cfg.top_k)
+    enabled = 1 if forced else E - len(settings.get("disabled_experts", []))
     mlp = 2 * T * D * H
     expert_params = 2 * D * H + H + D
-    records = {r.layer: r for r in (routing or [])}
+    records = {r.layer: r.numpy() for r in (routing or [])}
+    token_layers = {blk_i: blk.mlp for blk_i, blk in enumerate(model.blocks) if hasattr(blk.mlp, "capacity")}
 
     parts = {
         "patch_embed": cfg.num_patches * cfg.in_chans * cfg.patch_size ** 2 * D,
@@ -93,12 +99,12 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], routing: Optional[l
         if rec is not None:
             B = rec.kept.shape[0]
             processed = float(rec.kept.sum()) / B
-            chosen = rec.experts.masked_fill(~rec.kept, -1).reshape(B, -1)
+            chosen = np.where(rec.kept, rec.experts, -1).reshape(B, -1)
             touched = sum(len(set(row.tolist()) - {-1}) for row in chosen) / B
         else:
-            ratio = cfg.eval_capacity_ratio if not model.training else cfg.capacity_ratio
-            S = cfg.group_size * T
-            processed = min(k * S, enabled * capacity(S, E, k, ratio)) / cfg.group_size
+            layer = token_layers[i]
+            S = layer.group_size * T
+            processed = min(k * S, enabled * layer.capacity(tokens_per_image=T)) / layer.group_size
             touched = min(enabled, k * T)
         parts["experts"] += processed * 2 * D * H
         inactive_params += (E - touched) * expert_params

@@ -4,7 +4,7 @@ Start here: `create_model("mvmoe-12x192-e10k1", num_classes=10)`.
 - vit.py     dense ViT (the baseline and the shared skeleton)
 - vmoe.py    per-token MoE (V-MoE): TokenMoE layer, capacity, BPR
 - mvmoe.py   per-image MoE (Mobile V-MoE): ImageRouter, super-class loss
-- routing.py the routers and the capacity/priority rule
+- routing.py route_tokens (capacity, priority, BPR, aux losses), Router, RoutingRecord
 - experts.py stacked expert MLPs and index-based dispatch
 - config.py  ModelConfig and preset names
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .config import ModelConfig, capacity, paper_grid_presets, parse_preset
-from .mvmoe import ImageMoE, ImageRouter, MobileVMoE
-from .routing import Router, RoutingRecord, assign_capacity
-from .vit import ModelOutput, VisionTransformer
+from .config import ModelConfig, paper_grid_presets, parse_preset
+from .mvmoe import ImageDecision, ImageMoE, ImageRouter, MobileVMoE
+from .routing import Router, RoutingRecord, TokenRouting, capacity, capacity_rule, route_tokens
+from .vit import ModelOutput, VisionTransformer, weigh_aux_losses
 from .vmoe import TokenMoE, VMoE
 
 _FAMILY_CLASS = {"vit": VisionTransformer, "vmoe": VMoE, "mvmoe": MobileVMoE}
@@ -46,6 +46,7 @@ def create_model(name: str, num_classes: int = 10, img_size: int = 28, in_chans:
 
 __all__ = [
     "ModelConfig", "ModelOutput", "RoutingRecord", "VisionTransformer", "VMoE", "MobileVMoE",
-    "TokenMoE", "ImageMoE", "ImageRouter", "Router", "assign_capacity", "capacity",
+    "TokenMoE", "ImageMoE", "ImageRouter", "ImageDecision", "Router", "TokenRouting", "route_tokens", "capacity", "capacity_rule",
+    "weigh_aux_losses",
     "build_model", "create_model", "parse_preset", "paper_grid_presets",
 ]

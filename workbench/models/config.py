@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
+
+from .routing import CEIL_OR_ROUND
 
 FAMILIES = ("vit", "vmoe", "mvmoe")
 PAPER_DEPTHS = (12, 9, 6)
@@ -52,6 +55,11 @@ class ModelConfig:
     eval_capacity_ratio: float = 2.0    # C at eval (V-MoE evaluates with a larger C)
     batch_priority: bool = True         # BPR: order by top-1 gate instead of position
     group_size: int = 1                 # images whose tokens share one capacity budget
+    capacity_multiple_of: int = 4       # round capacity up to a multiple of this (1: the paper's formula)
+    capacity_ceil_or_round: str = "ceil"  # first step of the capacity rule: "ceil" or "round"
+    # Why 4 by default: google-research/vmoe rounds every capacity up to a multiple of 4,
+    # so with 4 our per-token routing matches the reference bit for bit on the same gates.
+    # A saved config without this field predates it and keeps the paper's rule (see from_dict).
 
     # --- per-image (Mobile V-MoE) ---
     router_input: str = "mean"          # "mean" of patch tokens | "cls" token
@@ -124,18 +132,36 @@ class ModelConfig:
     def validate(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        for name in ("img_size", "patch_size", "in_chans", "num_classes", "depth", "width"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "depth", "width", "top_k", "group_size",
+                     "capacity_multiple_of"):
+            _require(name, getattr(self, name), _is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                     "an integer >= 1")
+        _require("num_experts", self.num_experts, _is_int(self.num_experts) and self.num_experts >= 0,
+                 "an integer >= 0")
+        _require("mlp_ratio", self.mlp_ratio, _is_real(self.mlp_ratio) and self.mlp_ratio > 0
+                 and self.width * self.mlp_ratio >= 1, "a number > 0 (with width * mlp_ratio >= 1)")
+        for name in ("capacity_ratio", "eval_capacity_ratio"):
+            _require(name, getattr(self, name), _is_real(getattr(self, name)) and getattr(self, name) > 0,
+                     "a number > 0")
+        for name in ("importance_loss_weight", "load_loss_weight", "superclass_loss_weight"):
+            _require(name, getattr(self, name), _is_real(getattr(self, name)) and getattr(self, name) >= 0,
+                     "a number >= 0")
+        if self.noise_std is not None:
+            _require("noise_std", self.noise_std, _is_real(self.noise_std) and self.noise_std >= 0,
+                     "None (1/E) or a number >= 0")
+        if self.capacity_ceil_or_round not in CEIL_OR_ROUND:
+            raise ValueError(f"capacity_ceil_or_round must be one of {CEIL_OR_ROUND}, got {self.capacity_ceil_or_round!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         if self.num_heads is not None and self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.heads}")
+        if self.superclasses is not None and self.family != "mvmoe":
+            raise ValueError(f"a super-class map only guides the per-image (mvmoe) router, not a {self.family} model")
         if not self.is_moe:
             return
-        if not self.num_experts >= self.top_k >= 1:
+        if not self.num_experts >= self.top_k >= 1:  # the one place this rule is checked
             raise ValueError(f"num_experts >= top_k >= 1, but got num_experts={self.num_experts}, top_k={self.top_k}")
         layers = self.moe_block_indices()
         if not layers:
@@ -143,10 +169,6 @@ class ModelConfig:
         bad = [i for i in layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"MoE block index out of range for depth {self.depth}: {bad}")
-        if self.capacity_ratio <= 0 or self.eval_capacity_ratio <= 0:
-            raise ValueError("capacity ratios must be > 0")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.router_input not in ("mean", "cls"):
             raise ValueError(f"router_input must be 'mean' or 'cls', got {self.router_input!r}")
         bad = [e for e in self.disabled_experts if not 0 <= e < self.num_experts]
@@ -157,8 +179,6 @@ class ModelConfig:
                 f"disabling {sorted(set(self.disabled_experts))} leaves fewer than top_k={self.top_k} experts"
             )
         if self.superclasses is not None:
-            if self.family != "mvmoe":
-                raise ValueError("a super-class map only guides the per-image (mvmoe) router")
             if len(self.superclasses) != self.num_classes:
                 raise ValueError(
                     f"super-class map has {len(self.superclasses)} entries but the model has {self.num_classes} classes"
@@ -174,10 +194,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """Rebuild a saved config. One saved before `capacity_multiple_of` existed used the
+        paper's capacity formula without rounding, and keeps it (capacity_multiple_of=1)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config fields: {unknown}")
+        d = dict(d)
+        d.setdefault("capacity_multiple_of", 1)
         return cls(**d)
 
 
@@ -206,6 +232,14 @@ def paper_grid_presets() -> list[str]:
     return [f"vit-{l}x{d}" for l in PAPER_DEPTHS for d in PAPER_WIDTHS]
 
 
-def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_ratio: float) -> int:
-    """Expert buffer size: ceil(k * C * tokens_in_group / E), at least 1 (V-MoE §2.2)."""
-    return max(1, math.ceil(top_k * capacity_ratio * num_tokens / num_experts))
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(name: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")

@@ -12,7 +12,9 @@ the router is trained end to end with V-MoE's balancing losses (ablation).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -20,8 +22,32 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .experts import Experts
-from .routing import Router, RoutingRecord
+from .routing import Router, RoutingRecord, TokenRouting
 from .vit import VisionTransformer
+
+
+@dataclass
+class ImageDecision:
+    """One per-image routing decision, shared by the MoE blocks it serves."""
+
+    router_input: torch.Tensor          # (B, D) the per-image summary the router read
+    routing: TokenRouting               # the routing of the B images as one group, no capacity
+
+    @property
+    def logits(self) -> torch.Tensor:   # (B, E)
+        return self.routing.logits[0]
+
+    @property
+    def probs(self) -> torch.Tensor:    # (B, E)
+        return self.routing.probs[0]
+
+    @property
+    def experts(self) -> torch.Tensor:  # (B, k)
+        return self.routing.expert_index[0]
+
+    @property
+    def gates(self) -> torch.Tensor:    # (B, k)
+        return self.routing.gates[0]
 
 
 class ImageRouter(nn.Module):
@@ -39,21 +65,34 @@ class ImageRouter(nn.Module):
         """(B, T, D) tokens -> (B, D) per-image summary."""
         return x[:, 1:].mean(1) if self.router_input == "mean" else x[:, 0]
 
-    def forward(self, x: torch.Tensor):
-        summary = self.summarize(x)
-        return summary, self.router(self.norm(summary), add_noise=self.training)
+    def forward(self, x: torch.Tensor) -> ImageDecision:
+        """(B, T, D) tokens entering the block -> the images' decision (the batch is one group)."""
+        # with fp32 routers, the summary and its norm run in fp32 too: only the backbone rounds
+        fp32 = self.router.fp32
+        with torch.autocast(x.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+            summary = self.summarize(x.float() if fp32 else x)
+            return ImageDecision(summary, self.router(self.norm(summary)[None], capacity_factor=None))
 
 
 class ImageMoE(nn.Module):
-    """An MoE MLP layer that runs each image through its router-chosen experts."""
+    """An MoE MLP layer that runs each image through the experts its decision chose."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.experts = Experts(cfg.num_experts, cfg.width, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D); experts, gates: (B, k). Groups whole images by expert."""
-        return self.experts(x, experts, gates)
+    def forward(self, x: torch.Tensor, decision: ImageDecision):
+        """x: (B, T, D) -> (out, RoutingRecord, {}): whole images grouped by expert.
+        The decision's losses belong to its router; the model counts them once."""
+        if decision is None:
+            raise ValueError("a per-image MoE layer needs the routing decision made before its block")
+        out = self.experts(x, decision.experts, decision.gates)
+        record = RoutingRecord(
+            layer=self.layer, kind="image", experts=decision.experts, kept=torch.ones_like(decision.experts, dtype=torch.bool),
+            gates=decision.gates, probs=decision.probs, logits=decision.logits, router_input=decision.router_input,
+        )
+        return out, record, {}
 
 
 class MobileVMoE(VisionTransformer):
@@ -61,7 +100,8 @@ class MobileVMoE(VisionTransformer):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        n_routers = len(self.moe_block_indices) if cfg.per_layer_routers else 1
+        self._moe_blocks = self.moe_block_indices
+        n_routers = len(self._moe_blocks) if cfg.per_layer_routers else 1
         self.routers = nn.ModuleList(ImageRouter(cfg) for _ in range(n_routers))
         if cfg.superclasses is not None:
             self.register_buffer("superclass_of", torch.tensor(cfg.superclasses, dtype=torch.long), persistent=False)
@@ -69,53 +109,25 @@ class MobileVMoE(VisionTransformer):
             self.superclass_of = None
 
     def make_mlp(self, block_index: int) -> nn.Module:
-        return ImageMoE(self.cfg)
+        return ImageMoE(self.cfg, block_index)
 
-    def forward_blocks(self, x: torch.Tensor, labels: Optional[torch.Tensor]):
-        cfg = self.cfg
-        routing, router_losses, balance = [], [], {}
-        decision = None
-        for i, blk in enumerate(self.blocks):
-            if not isinstance(blk.mlp, ImageMoE):
-                x = blk(x)
-                continue
-            if decision is None or cfg.per_layer_routers:
-                # the router reads the residual stream entering this block:
-                # for the shared router, the output of the last dense block
-                summary, decision = self.routers[len(routing) if cfg.per_layer_routers else 0](x)
-                if self.superclass_of is not None and labels is not None:
-                    router_losses.append(F.cross_entropy(decision["logits"], self.superclass_of[labels]))
-                elif self.superclass_of is None:
-                    for name, value in decision["aux"].items():
-                        balance[name] = balance.get(name, 0.0) + value
-            x = blk.attend(x)
-            x = x + blk.mlp(blk.norm2(x), decision["experts"], decision["gates"])
-            routing.append(RoutingRecord(
-                layer=i, kind="image", logits=decision["logits"], probs=decision["probs"],
-                experts=decision["experts"], gates=decision["gates"],
-                kept=torch.ones_like(decision["experts"], dtype=torch.bool), router_input=summary,
-            ))
-        aux = {}
-        if router_losses:
-            aux["superclass"] = cfg.superclass_loss_weight * torch.stack(router_losses).mean()
-        if "importance" in balance:
-            aux["importance"] = cfg.importance_loss_weight * balance["importance"]
-        if "load" in balance:
-            aux["load"] = cfg.load_loss_weight * balance["load"]
-        return x, routing, aux
+    def decide(self, block_index: int, x: torch.Tensor, previous, labels: Optional[torch.Tensor]) -> tuple:
+        """The router reads the residual stream entering an MoE block: for the shared router,
+        the output of the last dense block. Later blocks reuse that decision."""
+        if block_index not in self._moe_blocks or (previous is not None and not self.cfg.per_layer_routers):
+            return previous, {}
+        router = self.routers[self._moe_blocks.index(block_index) if self.cfg.per_layer_routers else 0]
+        decision = router(x)
+        return decision, self.router_losses(decision, labels)
 
-    def set_routing(self, top_k: Optional[int] = None, disabled_experts: Optional[Sequence[int]] = None,
-                    **unknown) -> None:
-        """Change k or disable experts without retraining (capacity does not apply per image)."""
-        unknown = {n: v for n, v in unknown.items() if v is not None}
-        if unknown:
-            raise ValueError(f"per-image models cannot set {sorted(unknown)} (no capacity or token priority)")
-        for r in self.routers:
-            if disabled_experts is not None:
-                r.router.set_disabled(disabled_experts)
-            if top_k is not None:
-                r.router.set_top_k(top_k)
-        if top_k is not None:
-            self.cfg.top_k = top_k
-        if disabled_experts is not None:
-            self.cfg.disabled_experts = sorted(set(int(e) for e in disabled_experts))
+    def router_losses(self, decision: ImageDecision, labels: Optional[torch.Tensor]) -> dict:
+        """Super-class guided: CE(router logits, super-class of the label) (needs labels).
+        End to end: V-MoE's balancing losses over the batch."""
+        if self.superclass_of is not None:
+            if labels is None:
+                return {}
+            return {"superclass": F.cross_entropy(decision.logits, self.superclass_of[labels])}
+        losses = {"importance": decision.routing.importance_loss.mean()}
+        if decision.routing.load_loss is not None:
+            losses["load"] = decision.routing.load_loss.mean()
+        return losses

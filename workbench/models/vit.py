@@ -6,36 +6,62 @@ Papers:
 - "Training data-efficient image transformers" (Touvron et al., 2021): the
   ViT-Tiny shape (12 blocks, width 192, 3 heads).
 
-The MoE families subclass `VisionTransformer` and override `forward_blocks`;
-a `Block` takes its MLP as an argument, so an expert layer drops in without
-forking the block.
+The MoE families subclass `VisionTransformer`: they place expert layers
+(`make_mlp`) and, per image, make routing decisions before a block (`decide`).
+A `Block` takes its MLP layer as an argument and every MLP layer answers the
+same call, so dense and MoE blocks run through one loop.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .routing import CEIL_OR_ROUND, Router
 
 
 @dataclass
 class ModelOutput:
-    """What `model(x, return_routing=True)` returns."""
+    """What `model(x, return_routing=True)` and `model.forward_intermediates(x)` return."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]                 # None when forward_intermediates stopped early
     aux_loss: dict = field(default_factory=dict)   # name -> weighted scalar loss
-    routing: list = field(default_factory=list)    # one RoutingRecord per MoE block
+    routing: list = field(default_factory=list)    # one RoutingRecord per MoE block that ran
     features: Optional[torch.Tensor] = None        # final class-token features (B, D)
+    intermediates: dict = field(default_factory=dict)  # block index -> tokens (B, T, D) after that block
 
     @property
     def total_aux_loss(self) -> torch.Tensor:
         if not self.aux_loss:
             return self.logits.new_zeros(())
         return sum(self.aux_loss.values())
+
+
+def weigh_aux_losses(losses: Sequence[dict], cfg: ModelConfig) -> dict:
+    """The one place auxiliary losses are weighted: name -> weight * (sum over MoE layers).
+
+    Balancing losses (importance, load) are summed over the layers (routers) that
+    report them, as in V-MoE; the super-class loss is averaged over the routers
+    that report it (one shared router, or one per block as an ablation), then
+    weighted by lambda: L = L_cls + lambda * L_router (Mobile V-MoE).
+    """
+    weights = {"importance": cfg.importance_loss_weight, "load": cfg.load_loss_weight,
+               "superclass": cfg.superclass_loss_weight}
+    gathered: dict = {}
+    for layer_losses in losses:
+        for name, value in layer_losses.items():
+            gathered.setdefault(name, []).append(value)
+    out = {}
+    for name, values in gathered.items():
+        total = torch.stack(values).mean() if name == "superclass" else sum(values)
+        out[name] = weights[name] * total
+    return out
 
 
 class PatchEmbed(nn.Module):
@@ -67,19 +93,29 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """The dense feed-forward layer: Linear -> GELU -> Linear."""
+    """The dense feed-forward layer: Linear -> GELU -> Linear.
+
+    It answers the MLP-layer call of every block, `(x, decision) -> (y, record, aux)`,
+    with no routing record and no auxiliary loss, so a block treats it and an
+    expert layer alike.
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+    def forward(self, x: torch.Tensor, decision=None) -> tuple:
+        return self.fc2(F.gelu(self.fc1(x))), None, {}
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; `mlp` is a dense `Mlp` or an expert layer."""
+    """Pre-norm transformer block; `mlp` is any MLP layer (dense `Mlp`, `TokenMoE`, `ImageMoE`).
+
+    Every MLP layer answers `mlp(x, decision) -> (y, RoutingRecord | None, aux losses)`;
+    `decision` is a per-image routing decision made before the block (Mobile V-MoE)
+    or None. Like timm's `Block(mlp_layer=...)`, experts drop in without forking the block.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp: nn.Module):
         super().__init__()
@@ -88,17 +124,24 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = mlp
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention half: x + attn(norm1(x))."""
-        return x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, decision=None) -> tuple:
+        x = x + self.attn(self.norm1(x))
+        y, record, aux = self.mlp(self.norm2(x), decision)
+        return x + y, record, aux
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attend(x)
-        return x + self.mlp(self.norm2(x))
+
+_KEEP = object()
 
 
 class VisionTransformer(nn.Module):
-    """Dense ViT. Subclasses replace some MLPs by experts (see vmoe.py, mvmoe.py)."""
+    """Dense ViT. Subclasses place experts (`make_mlp`) and, per image, routers (`decide`).
+
+    Public API beyond `forward`: `forward_intermediates` (per-block tokens and routing,
+    optionally stopping early), `router_logits` (what a router computed, for
+    attributions), `routing_settings` / `set_routing` (inference-time routing state).
+    """
+
+    LAYER_SETTINGS: tuple = ()           # per-layer routing settings a subclass exposes (per token)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -134,27 +177,149 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 
-    def forward_blocks(self, x: torch.Tensor, labels: Optional[torch.Tensor]):
-        """Run all blocks -> (tokens, routing records, aux losses). Dense: no routing."""
-        for blk in self.blocks:
-            x = blk(x)
-        return x, [], {}
+    def decide(self, block_index: int, x: torch.Tensor, previous, labels: Optional[torch.Tensor]) -> tuple:
+        """A per-image routing decision for block `block_index` from the tokens entering it,
+        and its router's (unweighted) losses. Models without per-image routing: (None, {})."""
+        return None, {}
+
+    def forward_blocks(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None, keep: Sequence[int] = (),
+                       stop_after: Optional[int] = None) -> tuple:
+        """Run the blocks -> (tokens, routing records, weighted aux losses, {block: tokens kept})."""
+        routing, losses, kept = [], [], {}
+        decision = None
+        for i, blk in enumerate(self.blocks):
+            decision, router_losses = self.decide(i, x, decision, labels)
+            x, record, aux = blk(x, decision)
+            losses += [d for d in (router_losses, aux) if d]
+            if record is not None:
+                routing.append(record)
+            if i in keep:
+                kept[i] = x
+            if stop_after is not None and i >= stop_after:
+                break
+        return x, routing, weigh_aux_losses(losses, self.cfg), kept
 
     def forward(self, x: torch.Tensor, return_routing: bool = False, labels: Optional[torch.Tensor] = None):
         """Logits, or a `ModelOutput` with aux losses and routing when `return_routing`.
 
         `labels` (class indices) let a super-class-guided router compute its loss.
         """
-        tokens, routing, aux = self.forward_blocks(self.embed(x), labels)
+        tokens, routing, aux, _ = self.forward_blocks(self.embed(x), labels)
         features = self.norm(tokens)[:, 0]
         logits = self.head(features)
         if not return_routing:
             return logits
         return ModelOutput(logits=logits, aux_loss=aux, routing=routing, features=features)
 
-    def set_routing(self, **settings) -> None:
-        """Inference-time routing overrides (k, capacity, BPR, disabled experts)."""
-        raise ValueError(f"{self.cfg.family} model has no router to adjust")
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                              stop_early: bool = False, labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        """A forward pass that also keeps the tokens (B, T, D) after some blocks (timm's name).
+
+        indices: block indices, an int n for the last n blocks, or None for all.
+        stop_early: stop after the last kept block (then `logits` and `features` are None).
+        """
+        depth = self.cfg.depth
+        keep = list(range(depth - indices, depth)) if isinstance(indices, int) else \
+            list(range(depth)) if indices is None else [int(i) for i in indices]
+        if not keep or any(not 0 <= i < depth for i in keep):
+            raise ValueError(f"indices must name blocks in 0..{depth - 1}, got {indices!r}")
+        stop = max(keep) if stop_early else None
+        tokens, routing, aux, kept = self.forward_blocks(self.embed(x), labels, keep=keep, stop_after=stop)
+        out = ModelOutput(logits=None, aux_loss=aux, routing=routing, intermediates=kept)
+        if stop is None or stop == depth - 1:
+            out.features = self.norm(tokens)[:, 0]
+            out.logits = self.head(out.features)
+        return out
+
+    def router_logits(self, x: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
+        """The logits the router of MoE block `layer` (None: the first) computed on x:
+        (B, E) per image, (B, T, E) per token. The model runs only up to that block.
+        In training mode they include the router noise."""
+        blocks = self.moe_block_indices
+        if not blocks:
+            raise ValueError("a dense model has no router")
+        layer = blocks[0] if layer is None else int(layer)
+        if layer not in blocks:
+            raise ValueError(f"block {layer} is not an MoE block; MoE blocks are {blocks}")
+        return self.forward_intermediates(x, [layer], stop_early=True).routing[-1].logits
+
+    # ------------------------------------------------------------------ inference-time routing
+    def router_modules(self) -> list:
+        """Every `Router` of the model (empty for a dense model)."""
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    def routing_settings(self) -> dict:
+        """The routing settings in force now (module state, not the config the model was built from)."""
+        routers = self.router_modules()
+        if not routers:
+            return {}
+        r = routers[0]
+        settings = {"top_k": r.top_k, "disabled_experts": r.disabled.nonzero().flatten().tolist(),
+                    "force_expert": r.forced_expert, "router_fp32": r.fp32}
+        settings.update(self._layer_settings())
+        return settings
+
+    def set_routing(self, *, top_k: Optional[int] = None, disabled_experts: Optional[Sequence[int]] = None,
+                    force_expert=_KEEP, router_fp32: Optional[bool] = None, **layer_settings) -> None:
+        """Change routing at inference time, without retraining; the config is left as built.
+
+        top_k; disabled_experts (the router renormalises over the others); force_expert (an
+        expert index: every item goes there with gate 1, k = 1; None: no forced expert;
+        omitted: unchanged); router_fp32 (router logits in fp32 under autocast). Per-token
+        models also take eval_capacity_ratio, batch_priority, capacity_multiple_of and
+        capacity_ceil_or_round. Other settings left as None are unchanged.
+        """
+        unknown = sorted(n for n, v in layer_settings.items() if v is not None and n not in self.LAYER_SETTINGS)
+        if unknown:
+            raise ValueError(f"a {self.cfg.family} model cannot set {unknown}" +
+                             (" (no capacity or token priority per image)" if self.cfg.family == "mvmoe" else ""))
+        changes = {n: v for n, v in dict(top_k=top_k, disabled_experts=disabled_experts, router_fp32=router_fp32,
+                                           **layer_settings).items() if v is not None}
+        if force_expert is not _KEEP:
+            changes["force_expert"] = force_expert
+        if not changes:
+            return
+        if not self.router_modules():
+            raise ValueError(f"{self.cfg.family} model has no router to adjust")
+        new = {**self.routing_settings(), **changes}
+        _validate_routing(new, self.cfg.num_experts)
+        for r in self.router_modules():
+            r.top_k = int(new["top_k"])
+            r.disabled.zero_()
+            r.disabled[list(new["disabled_experts"])] = True
+            r.forced_expert = None if new["force_expert"] is None else int(new["force_expert"])
+            r.fp32 = bool(new["router_fp32"])
+        self._apply_layer_settings({n: new[n] for n in self.LAYER_SETTINGS})
+
+    def _layer_settings(self) -> dict:
+        return {}
+
+    def _apply_layer_settings(self, settings: dict) -> None:
+        pass
+
+
+def _validate_routing(s: dict, num_experts: int) -> None:
+    disabled = sorted(set(int(e) for e in s["disabled_experts"]))
+    if any(not 0 <= e < num_experts for e in disabled):
+        raise ValueError(f"disabled experts must be in 0..{num_experts - 1}, got {disabled}")
+    s["disabled_experts"] = disabled
+    k = s["top_k"]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not num_experts - len(disabled) >= k >= 1:
+        raise ValueError(f"enabled experts >= top_k >= 1, but got top_k={k!r} with {num_experts} experts, "
+                         f"{len(disabled)} disabled")
+    f = s["force_expert"]
+    if f is not None and (isinstance(f, bool) or not isinstance(f, numbers.Integral) or not 0 <= f < num_experts):
+        raise ValueError(f"force_expert must be None or an expert index in 0..{num_experts - 1}, got {f!r}")
+    if "eval_capacity_ratio" in s:
+        ratio = s["eval_capacity_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"eval_capacity_ratio must be a number > 0, got {ratio!r}")
+        m = s["capacity_multiple_of"]
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+            raise ValueError(f"capacity_multiple_of must be an integer >= 1 (1 = no rounding), got {m!r}")
+        if s["capacity_ceil_or_round"] not in CEIL_OR_ROUND:
+            raise ValueError(f"capacity_ceil_or_round must be one of {CEIL_OR_ROUND}, "
+                             f"got {s['capacity_ceil_or_round']!r}")
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -5,108 +5,126 @@ NeurIPS 2021. Each token picks its top-k experts with a noisy router; every
 expert has a fixed buffer (capacity) per routing group, and tokens over it
 are dropped for that expert and carried by the residual. Batch Priority
 Routing (BPR) fills buffers by router confidence instead of position.
+The routing rules themselves live in `routing.route_tokens`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig, capacity
+from .config import ModelConfig
 from .experts import Experts
-from .routing import Router, RoutingRecord, assign_capacity
+from .routing import Router, RoutingRecord, TokenRouting, capacity, capacity_rule
 from .vit import VisionTransformer
 
 
 class TokenMoE(nn.Module):
-    """An MoE MLP layer with a per-token router (V-MoE §2.2)."""
+    """An MoE MLP layer with a per-token router (V-MoE §2.2).
+
+    Routing groups: `group_size` consecutive images share each expert's buffer;
+    when the batch does not divide into groups, the last group is smaller and
+    gets its own (smaller) capacity.
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.router = Router(cfg.width, cfg.num_experts, cfg.top_k, cfg.noise, cfg.disabled_experts)
         self.experts = Experts(cfg.num_experts, cfg.width, cfg.mlp_hidden)
+        self.group_size = cfg.group_size
         self.capacity_ratio = cfg.capacity_ratio
+        # inference-time settings (changed through the model's set_routing)
         self.eval_capacity_ratio = cfg.eval_capacity_ratio
         self.batch_priority = cfg.batch_priority
-        self.group_size = cfg.group_size
+        self.capacity_multiple_of = cfg.capacity_multiple_of
+        self.capacity_ceil_or_round = cfg.capacity_ceil_or_round
 
-    def route(self, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """x: (B, T, D) -> (router output on the B*T tokens, which (token, choice) fit capacity)."""
-        B, T, D = x.shape
-        E, k = self.router.num_experts, self.router.top_k
-        r = self.router(x.reshape(B * T, D), add_noise=self.training)
-        # routing groups: `group_size` consecutive images share each expert's buffer
-        image = torch.arange(B, device=x.device).repeat_interleave(T)
-        group = image // self.group_size
-        ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
-        # same rule as config.capacity, vectorised over groups (the last one may be smaller)
-        group_cap = (k * ratio * torch.bincount(group).double() / E).ceil().clamp(min=1).long()
-        return r, assign_capacity(r["experts"], r["gates"], group, E, group_cap, self.batch_priority)
+    @property
+    def ratio(self) -> float:
+        """The capacity ratio in force: training C, or the (larger) eval C."""
+        return self.capacity_ratio if self.training else self.eval_capacity_ratio
 
-    def forward(self, x: torch.Tensor):
-        """x: (B, T, D) -> (out (B, T, D), RoutingRecord, aux losses)."""
+    def capacity(self, images_in_group: Optional[int] = None, tokens_per_image: int = 1) -> int:
+        """Per-expert buffer of a group of `images_in_group` images (default: a full group)."""
+        S = (images_in_group or self.group_size) * tokens_per_image
+        return capacity(S, self.router.num_experts, self.router.k, self.ratio,
+                        self.capacity_multiple_of, self.capacity_ceil_or_round)
+
+    def route(self, x: torch.Tensor) -> TokenRouting:
+        """x (B, T, D) -> the routing of its B*T tokens, shapes (B, T, ...); losses per group (G,)."""
         B, T, D = x.shape
-        E, k = self.router.num_experts, self.router.top_k
-        flat = x.reshape(B * T, D)
-        r, kept = self.route(x)
-        ratio = self.capacity_ratio if self.training else self.eval_capacity_ratio
-        out = self.experts(flat, r["experts"], r["gates"], kept)
+        options = dict(batch_priority=self.batch_priority, capacity_multiple_of=self.capacity_multiple_of,
+                       ceil_or_round=self.capacity_ceil_or_round)
+        gs = self.group_size
+        full = B - B % gs
+        parts = [x[:full].reshape(full // gs, gs * T, D)] if full else []
+        if full < B:
+            parts.append(x[full:].reshape(1, (B - full) * T, D))
+        routed = [self.router(p, self.ratio, **options) for p in parts]
+        return _join(routed, B, T)
+
+    def forward(self, x: torch.Tensor, decision=None):
+        """x: (B, T, D) -> (out (B, T, D), RoutingRecord, aux losses averaged over groups)."""
+        if decision is not None:
+            raise ValueError("a per-token MoE layer routes its own tokens; it takes no per-image decision")
+        B, T, D = x.shape
+        r = self.route(x)
+        k = r.expert_index.shape[-1]
+        kept = r.kept
+        out = self.experts(x.reshape(B * T, D), r.expert_index.reshape(-1, k), r.gates.reshape(-1, k),
+                           kept.reshape(-1, k))
         record = RoutingRecord(
-            layer=self.layer, kind="token",
-            logits=r["logits"].view(B, T, E), probs=r["probs"].view(B, T, E),
-            experts=r["experts"].view(B, T, k), gates=r["gates"].view(B, T, k), kept=kept.view(B, T, k),
-            capacity=capacity(self.group_size * T, E, k, ratio),
+            layer=self.layer, kind="token", experts=r.expert_index, kept=kept, gates=r.gates, probs=r.probs,
+            logits=r.logits, capacity=self.capacity(tokens_per_image=T), router_input=x[:, 1:].float().mean(1),
         )
-        return out.view(B, T, D), record, r["aux"]
+        aux = {"importance": r.importance_loss.mean()}
+        if r.load_loss is not None:
+            aux["load"] = r.load_loss.mean()
+        return out.view(B, T, D), record, aux
+
+
+def _join(parts: list, B: int, T: int) -> TokenRouting:
+    """Routings of consecutive groups -> one routing with shapes (B, T, ...) and per-group losses."""
+    def cat(name):
+        return torch.cat([getattr(p, name).reshape(-1, *getattr(p, name).shape[2:]) for p in parts]).view(B, T, -1)
+
+    loads = [p.load_loss for p in parts]
+    return TokenRouting(
+        logits=cat("logits"), probs=cat("probs"), expert_index=cat("expert_index"), gates=cat("gates"),
+        slot=cat("slot"), capacity=parts[0].capacity,
+        importance_loss=torch.cat([p.importance_loss for p in parts]),
+        load_loss=None if loads[0] is None else torch.cat(loads),
+    )
 
 
 class VMoE(VisionTransformer):
     """ViT whose MLPs at `cfg.moe_layers` are per-token MoE layers."""
 
+    LAYER_SETTINGS = ("eval_capacity_ratio", "batch_priority", "capacity_multiple_of", "capacity_ceil_or_round")
+
     def make_mlp(self, block_index: int) -> nn.Module:
         return TokenMoE(self.cfg, block_index)
 
-    def forward_blocks(self, x: torch.Tensor, labels: Optional[torch.Tensor]):
-        routing, aux = [], {}
-        imp_w, load_w = self.cfg.importance_loss_weight, self.cfg.load_loss_weight
-        for blk in self.blocks:
-            if not isinstance(blk.mlp, TokenMoE):
-                x = blk(x)
-                continue
-            x = blk.attend(x)
-            y, record, losses = blk.mlp(blk.norm2(x))
-            x = x + y
-            routing.append(record)
-            for name, w in (("importance", imp_w), ("load", load_w)):
-                if name in losses:
-                    aux[name] = aux.get(name, 0.0) + w * losses[name]
-        return x, routing, aux
+    def moe_layers(self) -> list:
+        return [m for m in self.modules() if isinstance(m, TokenMoE)]
 
-    def set_routing(self, top_k: Optional[int] = None, eval_capacity_ratio: Optional[float] = None,
-                    batch_priority: Optional[bool] = None, disabled_experts: Optional[Sequence[int]] = None,
-                    **unknown) -> None:
-        """Change k, the eval capacity ratio, BPR or disabled experts without retraining."""
-        if unknown:
-            raise ValueError(f"per-token models cannot set {sorted(unknown)}")
-        if eval_capacity_ratio is not None and eval_capacity_ratio <= 0:
-            raise ValueError(f"eval_capacity_ratio must be > 0, got {eval_capacity_ratio}")
-        for blk in self.blocks:
-            moe = blk.mlp
-            if not isinstance(moe, TokenMoE):
-                continue
-            if disabled_experts is not None:
-                moe.router.set_disabled(disabled_experts)
-            if top_k is not None:
-                moe.router.set_top_k(top_k)
-            if eval_capacity_ratio is not None:
-                moe.eval_capacity_ratio = float(eval_capacity_ratio)
-            if batch_priority is not None:
-                moe.batch_priority = bool(batch_priority)
-        for name, value in (("top_k", top_k), ("eval_capacity_ratio", eval_capacity_ratio),
-                            ("batch_priority", batch_priority)):
-            if value is not None:
-                setattr(self.cfg, name, value)
-        if disabled_experts is not None:
-            self.cfg.disabled_experts = sorted(set(int(e) for e in disabled_experts))
+    def capacity_rule(self, top_k: Optional[int] = None, capacity_ratio: Optional[float] = None) -> dict:
+        """`routing.capacity_rule` for a full routing group at the current settings (eval capacity
+        ratio unless training), optionally at another k or capacity ratio."""
+        layer = self.moe_layers()[0]
+        return capacity_rule(self.cfg.group_size * (self.cfg.num_patches + 1), self.cfg.num_experts,
+                             top_k or layer.router.k, capacity_ratio or layer.ratio, layer.capacity_multiple_of,
+                             layer.capacity_ceil_or_round)
+
+    def _layer_settings(self) -> dict:
+        first = self.moe_layers()[0]
+        return {name: getattr(first, name) for name in self.LAYER_SETTINGS}
+
+    def _apply_layer_settings(self, settings: dict) -> None:
+        for layer in self.moe_layers():
+            layer.eval_capacity_ratio = float(settings["eval_capacity_ratio"])
+            layer.batch_priority = bool(settings["batch_priority"])
+            layer.capacity_multiple_of = int(settings["capacity_multiple_of"])
+            layer.capacity_ceil_or_round = str(settings["capacity_ceil_or_round"])

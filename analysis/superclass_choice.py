@@ -291,3 +291,21 @@ def choose_superclasses(cm, num_groups: int, *, features=None, labels=None, meth
                 else None}
     return SuperclassChoice(method=str(table.at[win, "candidate"]), assignment=list(table.at[win, "assignment"]),
                             criterion=criterion, reason=reason, candidates=table, settings=settings)
+
+
+def candidates_table(choice: "SuperclassChoice | dict") -> pd.DataFrame:
+    """Display table, one row per candidate, the chosen one marked: from a SuperclassChoice or the
+    `to_json()` record the pipeline writes into clustering.json. Percentages as numbers 0..100."""
+    rows = choice.to_json()["candidates"] if isinstance(choice, SuperclassChoice) else choice.get("candidates")
+    if not rows:
+        raise SuperclassChoiceError("this clustering record has no candidates (written before router-aware choice)")
+    out = []
+    for r in rows:
+        pct = lambda k: None if r.get(k) is None else round(100 * r[k], 2)  # noqa: E731
+        out.append({"chosen": "✓" if r.get("chosen") else "", "rank": r.get("rank"), "candidate": r["candidate"],
+                    "router probe %": pct("probe_accuracy"), "dense-head routing %": pct("dense_group_accuracy"),
+                    "confusion kept inside %": pct("within_share"), "smallest group %": pct("min_share"),
+                    "largest group %": pct("max_share"), "balance": round(r["balance"], 3),
+                    "groups": " | ".join(r["groups"]), "also found by": ", ".join(r["methods"][1:])})
+    table = pd.DataFrame(out)
+    return table.dropna(axis=1, how="all").sort_values(["rank", "candidate"], kind="stable").reset_index(drop=True)

@@ -88,7 +88,8 @@ if use_probe:
     moe_preset = f"mvmoe-{cfg['depth']}x{cfg['width']}-e{num_groups}k1"
     features, labels = probe_features(checkpoint_hash(path), len(sub), get_model(path), sub, moe_preset)
     probe_key = (checkpoint_hash(path), len(sub))
-choice = run_choice(key_cm, num_groups, tuple(classes), tuple(reference) if reference else None, seed, probe_key, features, labels)
+choice = run_choice(key_cm, num_groups, tuple(classes), tuple(reference) if reference else None, seed, probe_key,
+                    features, labels)
 assignment = choice.assignment if method == AUTO else run_clustering(key_cm, num_groups, method, seed)
 method = choice.method if method == AUTO else method
 mapping = superclass_map(assignment, classes, str(card.get("dataset")), method)

@@ -32,8 +32,9 @@ scores each candidate by what the router will face:
   trivial answer (one big group plus tiny ones) out.
 
 The winner is the feasible candidate with the best score; candidates within one
-standard error of the best are a tie, broken by balance (more even experts),
-then by the order of `METHODS` (the paper's spectral clustering first).
+standard error of the best probe accuracy (exactly equal, for the dense-head
+score) are a tie, broken by balance (more even experts), then by the order of
+`METHODS` (the paper's spectral clustering first).
 `method=<name>` keeps a named procedure (the paper's: `PAPER_METHOD`) and still
 records every candidate's scores, so reports can show what it gave up.
 """

@@ -33,6 +33,7 @@ import math
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -139,10 +140,12 @@ def _spectral(aff: np.ndarray, num_groups: int, seed: int) -> np.ndarray:
     return model.fit_predict(aff)
 
 
-def _greedy_modularity(aff: np.ndarray, num_groups: int, seed: int) -> np.ndarray:
+def _greedy_modularity(aff: np.ndarray, num_groups: int, seed: int, resolution: float = 1.0) -> np.ndarray:
     # Deterministic by construction; `seed` is accepted for a uniform signature.
+    # resolution < 1 favours fewer, larger communities (less balanced groups).
     g = nx.from_numpy_array(aff)
-    comms = nx_comm.greedy_modularity_communities(g, weight="weight", cutoff=num_groups, best_n=num_groups)
+    comms = nx_comm.greedy_modularity_communities(g, weight="weight", resolution=resolution,
+                                                  cutoff=num_groups, best_n=num_groups)
     labels = np.empty(len(aff), dtype=np.int64)
     for k, members in enumerate(comms):
         labels[list(members)] = k
@@ -184,20 +187,27 @@ def _kernighan_lin(aff: np.ndarray, num_groups: int, seed: int, restarts: int = 
     return labels
 
 
-def _agglomerative(aff: np.ndarray, num_groups: int, seed: int) -> np.ndarray:
+def _agglomerative(aff: np.ndarray, num_groups: int, seed: int, linkage: str = "average") -> np.ndarray:
     # Deterministic by construction; `seed` is accepted for a uniform signature.
+    # linkage: "complete" keeps groups compact, "single" chains (least balanced), "average" in between.
     dist = 1.0 - aff / aff.max()
     np.fill_diagonal(dist, 0.0)
-    model = AgglomerativeClustering(n_clusters=num_groups, metric="precomputed", linkage="average")
+    model = AgglomerativeClustering(n_clusters=num_groups, metric="precomputed", linkage=linkage)
     return model.fit_predict(dist)
 
 
 METHODS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
+    # analysis.superclass_choice scores them all. The paper's procedure (one clustering of the
+    # confusion graph) is "spectral", the pipeline's method before that module.
     "spectral": _spectral,                    # sklearn SpectralClustering, precomputed affinity
     "greedy-modularity": _greedy_modularity,  # networkx Clauset-Newman-Moore, stopped at E groups
     "kernighan-lin": _kernighan_lin,          # networkx KL bisection, recursive; equal sizes by design,
                                               # so it cannot recover blocks of unequal size
     "agglomerative": _agglomerative,          # sklearn average linkage on 1 - affinity
+    # balance settings of the same algorithms, from balanced to unbalanced groups:
+    "agglomerative-complete": partial(_agglomerative, linkage="complete"),    # compact groups
+    "greedy-modularity-coarse": partial(_greedy_modularity, resolution=0.5),  # fewer, larger communities
+    "agglomerative-single": partial(_agglomerative, linkage="single"),        # chaining, least balanced
 }
 
 

@@ -5,16 +5,21 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from analysis.superclass_choice import AUTO, PAPER_METHOD, candidates_table, choose_superclasses, router_input_features
 from analysis.superclasses import (METHODS, cluster_superclasses, clustering_quality, compare_methods,
                                    superclass_map)
-from pages.common import (SUPERCLASS_MAP_KEY, checkpoint_picker, confusion_picker, load_eval_data, md, need,
-                          open_checkpoint, to_pil)
+from pages.common import (SUPERCLASS_MAP_KEY, checkpoint_hash, checkpoint_picker, confusion_picker, eval_subset,
+                          get_model, load_eval_data, md, need, open_checkpoint, to_pil)
 
 METHOD_HELP = {
-    "spectral": "spectral clustering on the confusion affinity (precomputed kernel)",
-    "greedy_modularity": "networkx greedy modularity, merged down to exactly E communities",
-    "kernighan_lin": "recursive Kernighan–Lin bisection (balanced halves)",
+    AUTO: "router-aware: the candidate the router can learn best (table below)",
+    "spectral": "spectral clustering on the confusion affinity (precomputed kernel); the paper's procedure",
+    "greedy-modularity": "networkx greedy modularity, merged down to exactly E communities",
+    "kernighan-lin": "recursive Kernighan–Lin bisection (balanced halves)",
     "agglomerative": "average-linkage agglomerative clustering on 1 − affinity",
+    "agglomerative-complete": "complete linkage: compact groups",
+    "greedy-modularity-coarse": "greedy modularity at resolution 0.5: fewer, larger communities",
+    "agglomerative-single": "single linkage: chains, the least balanced",
 }
 
 
@@ -26,6 +31,18 @@ def run_clustering(cm: tuple, num_groups: int, method: str, seed: int) -> list:
 @st.cache_data(show_spinner="Comparing methods…", max_entries=32)
 def run_comparison(cm: tuple, num_groups: int, reference, seed: int) -> pd.DataFrame:
     return compare_methods(np.array(cm), num_groups, reference=list(reference) if reference else None, seed=seed)
+
+
+@st.cache_data(show_spinner="Scoring candidate groupings…", max_entries=32)
+def run_choice(cm: tuple, num_groups: int, names: tuple, reference, seed: int, probe_key, _features, _labels):
+    """`probe_key` names the features (checkpoint hash, image count) so the cache can tell them apart."""
+    return choose_superclasses(np.array(cm), num_groups, features=_features, labels=_labels,
+                               reference=list(reference) if reference else None, class_names=list(names), seed=seed)
+
+
+@st.cache_data(show_spinner="Reading the features at the router's input…", max_entries=8)
+def probe_features(digest: str, n: int, _model, _ds, moe_preset: str):
+    return router_input_features(_model, _ds, moe_preset), _ds.labels.numpy()
 
 
 st.title("Super-classes")
@@ -43,8 +60,8 @@ ds = load_eval_data(card, quiet=True)
 reference = list(ds.reference_groups) if ds is not None and getattr(ds, "reference_groups", None) else None
 
 c = st.columns([1.2, 1, 1])
-method = c[0].selectbox("Method", list(METHODS), format_func=lambda m: m.replace("_", " "),
-                        help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items() if k in METHODS))
+method = c[0].selectbox("Method", [AUTO, *METHODS], format_func=lambda m: "auto (router-aware)" if m == AUTO else m,
+                        help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items() if k in METHODS or k == AUTO))
 if not 2 <= st.session_state.get("w_num_groups", 2) <= len(classes):
     del st.session_state["w_num_groups"]  # left over from a checkpoint with more classes
 default_e = int(card["config"].get("num_experts") or 0) or min(4, len(classes))
@@ -57,7 +74,24 @@ else:
 seed = int(c[2].number_input("Seed", 0, 10_000, 0, step=1))
 
 key_cm = tuple(map(tuple, cm.tolist()))
-assignment = run_clustering(key_cm, num_groups, method, seed)
+cfg = card["config"]
+probe_ok = cfg.get("family") in ("vit", "mvmoe") and ds is not None and (cfg.get("depth") or 0) >= 2
+use_probe = st.toggle("Score groupings with the router probe", value=False, disabled=not probe_ok,
+                      help="Fit a linear classifier on this model's features at the MoE router's input "
+                           "(mean patch token before the last 2 blocks) to predict each grouping, on the test "
+                           "images (the pipeline uses the held-out split). Without it, groupings are scored by "
+                           "how often the model's own prediction lands in the true class's group.")
+features = labels = None
+probe_key = None
+if use_probe:
+    sub = eval_subset(card)
+    moe_preset = f"mvmoe-{cfg['depth']}x{cfg['width']}-e{num_groups}k1"
+    features, labels = probe_features(checkpoint_hash(path), len(sub), get_model(path), sub, moe_preset)
+    probe_key = (checkpoint_hash(path), len(sub))
+choice = run_choice(key_cm, num_groups, tuple(classes), tuple(reference) if reference else None, seed, probe_key,
+                    features, labels)
+assignment = choice.assignment if method == AUTO else run_clustering(key_cm, num_groups, method, seed)
+method = choice.method if method == AUTO else method
 mapping = superclass_map(assignment, classes, str(card.get("dataset")), method)
 st.session_state[SUPERCLASS_MAP_KEY] = mapping  # the Train page and the other views offer this map
 
@@ -100,6 +134,11 @@ st.download_button("Download super-class map (JSON)", json.dumps(mapping, indent
                    mime="application/json")
 st.caption(f"The **Train** page offers this map (E = {num_groups}) for a `mvmoe-…-e{num_groups}k1` run; "
            "from a shell: `python -m workbench.train --superclasses FILE …`.")
+
+st.subheader("Which grouping can the router learn?")
+st.caption(f"Every clustering method at E = {num_groups}, identical groupings merged. ✓ = the router-aware choice "
+           f"({choice.criterion}); the paper's procedure is `{PAPER_METHOD}`. {md(choice.reason)}.")
+st.dataframe(candidates_table(choice), hide_index=True, key="candidates_table")
 
 if st.toggle("Compare all methods at this E"):
     table = run_comparison(key_cm, num_groups, tuple(reference) if reference else None, seed)

@@ -283,3 +283,108 @@ def test_confusion_graph_figure_draws_every_class_once_coloured_by_group():
     assert sorted(sum((list(t.text) for t in node_traces), [])) == names
     # the selected class is outlined
     assert list(node_traces[1].marker.line.width) == [4, 1]
+
+
+# ----------------------------------------------------------------------------- router-aware choice
+
+from analysis.superclass_choice import (  # noqa: E402
+    PAPER_METHOD,
+    SuperclassChoiceError,
+    choose_superclasses,
+    router_input_features,
+)
+from workbench.data import load_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synthetic_probe_data():
+    """Synthetic test split (16 classes in 4 designed groups) with 4x4-pooled pixels as router features:
+    the groups differ by a frame texture a linear probe reads easily; classes within a group do not."""
+    ds = load_dataset("synthetic", "test")
+    keep = slice(0, 800)   # 50 images per class: enough for a 3-fold probe, and fast
+    feats = torch.nn.functional.avg_pool2d(ds.images[keep].float() / 255, 4).flatten(1).numpy()
+    return feats, ds.labels[keep].numpy(), np.asarray(ds.reference_groups), list(ds.classes)
+
+
+def _confusion_within(groups, labels, per_pair=12, correct=60):
+    """A held-out confusion matrix whose off-diagonal mass lies only inside `groups`."""
+    groups = np.asarray(groups)
+    cm = per_pair * (groups[:, None] == groups[None, :]).astype(np.int64)
+    np.fill_diagonal(cm, correct)
+    return cm
+
+
+def test_choice_picks_the_designed_grouping_over_a_bad_one_and_records_every_candidate(synthetic_probe_data):
+    feats, labels, design, classes = synthetic_probe_data
+    bad = np.arange(16) % 4  # one class of every pattern per group: the router must read the disks
+    choice = choose_superclasses(_confusion_within(design, labels), 4, features=feats, labels=labels,
+                                 class_names=classes, extra={"designed": design, "bad": bad}, folds=3)
+    assert adjusted_rand_score(design, choice.assignment) == 1.0
+    table = choice.candidates.set_index("candidate")
+    assert table["chosen"].sum() == 1 and table.loc[choice.method, "chosen"]
+    assert table.loc["bad", "probe_accuracy"] < table.loc[choice.method, "probe_accuracy"] - 0.15
+    # identical partitions are merged, and every method's name is recorded with its partition
+    assert sorted(sum(table["methods"].tolist(), [])) == sorted([*METHODS, "designed", "bad"])
+    record = json.loads(json.dumps(choice.to_json()))
+    assert record["method"] == choice.method and record["criterion"] == "router-probe"
+    assert {c["candidate"] for c in record["candidates"]} == set(table.index)
+    assert all("probe_accuracy" in c and "within_share" in c for c in record["candidates"])
+    assert choice.method in record["reason"]
+
+
+def test_the_probe_overrules_a_confusion_matrix_that_points_at_the_bad_grouping(synthetic_probe_data):
+    feats, labels, design, classes = synthetic_probe_data
+    bad = np.arange(16) % 4
+    misleading = _confusion_within(bad, labels)  # confusion says "bad"; the features say "designed"
+    by_confusion = choose_superclasses(misleading, 4, extra={"designed": design}, folds=3)
+    assert adjusted_rand_score(bad, by_confusion.assignment) == 1.0
+    assert by_confusion.criterion == "dense-group-accuracy"
+    by_probe = choose_superclasses(misleading, 4, features=feats, labels=labels, extra={"designed": design},
+                                   folds=3)
+    assert by_probe.method == "designed"
+
+
+def test_min_group_share_rules_out_a_grouping_that_starves_experts():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 40)
+    centre = np.zeros((8, 3))
+    centre[5:, :] = 6 * np.eye(3)            # classes 0..4 look alike; 5, 6, 7 each stand out
+    feats = centre[labels] + rng.normal(0, 0.5, (len(labels), 3))
+    cm = np.full((8, 8), 1) + np.diag(np.full(8, 30))
+    starving = [0, 0, 0, 0, 0, 1, 2, 3]      # easy to route, three experts get 1/8 of the images each
+    balanced = [0, 0, 1, 1, 2, 2, 3, 3]
+    loose = choose_superclasses(cm, 4, features=feats, labels=labels, extra={"starving": starving,
+                                "balanced": balanced}, min_group_share=0.0, folds=4)
+    assert sorted(np.bincount(loose.assignment)) == [1, 1, 1, 5]   # the starving partition (any name)
+    strict = choose_superclasses(cm, 4, features=feats, labels=labels, extra={"starving": starving,
+                                 "balanced": balanced}, min_group_share=0.2, folds=4)
+    assert min(np.bincount(strict.assignment)) >= 2
+    assert "did not" in strict.reason
+
+
+def test_a_named_method_is_kept_and_every_candidate_still_scored():
+    cm, blocks = block_confusion([5, 1, 3, 1], seed=3, within=20.0, noise=2)
+    choice = choose_superclasses(cm, 4, method=PAPER_METHOD)
+    np.testing.assert_array_equal(choice.assignment, cluster_superclasses(cm, 4, method=PAPER_METHOD))
+    assert choice.method == PAPER_METHOD and choice.criterion == "named method"
+    assert "dense_group_accuracy" in choice.candidates and len(choice.candidates) >= 1
+    with pytest.raises(SuperclassChoiceError, match="unknown method 'louvain'"):
+        choose_superclasses(cm, 4, method="louvain")
+    with pytest.raises(SuperclassChoiceError, match="min_group_share"):
+        choose_superclasses(cm, 4, min_group_share=0.5)
+
+
+def test_router_input_features_read_the_stream_entering_the_first_moe_block():
+    torch.manual_seed(0)
+    dense = create_model("vit-4x32", num_classes=4, img_size=8, patch_size=4)
+    images = torch.randint(0, 256, (7, 1, 8, 8), dtype=torch.uint8)
+    ds = SimpleNamespace(images=images, mean=[0.5], std=[0.25])
+    dense.train()
+    feats = router_input_features(dense, ds, "mvmoe-4x32-e2k1", batch_size=3)   # MoE in blocks 2, 3
+    assert dense.training and feats.shape == (7, 32)
+    dense.eval()
+    with torch.no_grad():
+        x = dense.blocks[1](dense.blocks[0](dense.embed((images.float() / 255 - 0.5) / 0.25)))
+    np.testing.assert_allclose(feats, x[:, 1:].mean(1).numpy(), atol=1e-5)
+    with pytest.raises(SuperclassChoiceError, match="router position"):
+        router_input_features(dense, ds, "mvmoe-6x32-e2k1")

@@ -572,12 +572,18 @@ PARALLEL_MIN_IMAGES = 2048
 IMAGEFOLDER_CACHE_VERSION = 1
 
 
-def _class_files(folder: Path) -> dict[str, list[Path]]:
-    """{class name: sorted image files} for each sub-folder of `folder`, classes sorted by name."""
+def _class_files(folder: Path) -> dict[str, list[str]]:
+    """{class name: sorted image file paths} for each sub-folder of `folder`, classes sorted by name.
+
+    Plain strings and os.scandir: sorting 50,000 Path objects alone took seconds.
+    """
     out = {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        out[d.name] = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-                             and not p.name.startswith("."))
+        with os.scandir(d) as entries:
+            names = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                           and not e.name.startswith("."))
+        prefix = os.path.join(d, "")
+        out[d.name] = [prefix + n for n in names]
     return out
 
 
@@ -669,7 +675,7 @@ def _listing_key(files: dict, options: dict) -> str:
     for split in SPLITS:
         h.update(f"\0{split}\0".encode())
         for f in files[split]:
-            st = f.stat()
+            st = os.stat(f)
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
 
@@ -678,7 +684,9 @@ def _read_cached_split(entry: Path, split: str, count: int):
     """The cached (images, mean, std) of `split`, or None when absent or not what the key promises."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        images = np.load(entry / f"{split}.npy", allow_pickle=False)
+        # copy-on-write map: pages are read on first use and shared with every other process
+        # that maps the same entry (training workers, the app); writes stay private
+        images = np.load(entry / f"{split}.npy", mmap_mode="c", allow_pickle=False)
         mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
     except (OSError, ValueError, KeyError, TypeError):   # missing, partial or foreign: decode again
         return None
@@ -717,7 +725,7 @@ def _decode_workers(n: int) -> int:
     return max(1, min(cores, 8, math.ceil(n / DECODE_CHUNK)))
 
 
-def _decode_images(files: Sequence[Path], mode: str, wh: tuple[int, int]) -> np.ndarray:
+def _decode_images(files: Sequence[str], mode: str, wh: tuple[int, int]) -> np.ndarray:
     """uint8 (N, C, H, W): chunks decoded by worker processes (JPEG/PNG parsing holds the GIL)."""
     c = 1 if mode == "L" else 3
     out = np.empty((len(files), c, wh[1], wh[0]), np.uint8)
@@ -739,7 +747,7 @@ def _decode_images(files: Sequence[Path], mode: str, wh: tuple[int, int]) -> np.
     return out
 
 
-def _decode_chunk(files: Sequence[Path], mode: str, wh: tuple[int, int]) -> np.ndarray:
+def _decode_chunk(files: Sequence[str], mode: str, wh: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     c = 1 if mode == "L" else 3
@@ -753,7 +761,7 @@ def _decode_chunk(files: Sequence[Path], mode: str, wh: tuple[int, int]) -> np.n
     return out
 
 
-def _open_image(path: Path, Image):
+def _open_image(path: str | Path, Image):
     try:
         img = Image.open(path)
         img.load()

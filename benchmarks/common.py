@@ -112,6 +112,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def isa_level() -> str:
+    """The CPU's vector ISA as the figures see it: AVX2 / AVX-512 / AMX, with bf16 support, and a cap
+    set through ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA named as a simulation."""
+    try:
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                         if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return platform.machine()
+    real = ("AMX" if "amx_tile" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+            else "no AVX2")
+    real += " with AVX512-BF16" if "avx512_bf16" in flags else ""
+    real += ", no AMX" if "avx512f" in flags and "amx_tile" not in flags else ""
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)}
+    if caps:
+        level = torch.backends.cpu.get_cpu_capability()
+        return (f"{level} (simulated on an {real} CPU: " + ", ".join(f"{k}={v}" for k, v in caps.items()) + ")")
+    return real
+
+
 def machine() -> dict:
     """What the figures depend on: CPU, cores, threads, ISA, torch, load at the time."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -122,7 +141,7 @@ def machine() -> dict:
     except (OSError, StopIteration, ValueError):
         pass
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "memory": mem,
-            "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "isa": isa_level(), "native_bf16": native_bf16(),
             "torch": torch.__version__, "python": platform.python_version(), "load_average": [round(v, 2) for v in load]}
 
 

@@ -298,6 +298,115 @@ def test_imagefolder_superclasses_must_cover_every_class(tmp_path):
         load_dataset(f"imagefolder:{root}", "train")
 
 
+# ----------------------------------------------------------------------------- image folder: decode once, cache
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    return sorted((cache / "imagefolder").glob("*-*"))
+
+
+def no_decoding(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("decoded although the cache should have answered")
+    monkeypatch.setattr(data, "_decode_chunk", refuse)
+
+
+def test_imagefolder_decodes_once_then_both_splits_come_from_the_cache(tmp_path, cache, monkeypatch):
+    name = f"imagefolder:{write_imagefolder(tmp_path / 'imgs')}"
+    train, test = load_dataset(name, "train"), load_dataset(name, "test")
+    (entry,) = cache_entries(cache)
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "test.npy", "train.npy"]   # no pickle
+    no_decoding(monkeypatch)
+    for cold in (train, test):
+        warm = load_dataset(name, cold.split)
+        assert torch.equal(warm.images, cold.images) and torch.equal(warm.labels, cold.labels)
+        assert (warm.mean, warm.std, warm.classes) == (cold.mean, cold.std, cold.classes)
+        assert warm.reference_groups == cold.reference_groups
+
+
+def test_a_changed_file_list_or_mtime_decodes_again_and_replaces_the_entry(tmp_path, cache):
+    root = write_imagefolder(tmp_path / "imgs")
+    name = f"imagefolder:{root}"
+    first = load_dataset(name, "train", test_fraction=0.0)
+    write_png(root / "cat" / "0.png", 123)                        # same name, new content and mtime
+    os.utime(root / "cat" / "0.png", ns=(1, 2))
+    assert 123 in load_dataset(name, "train", test_fraction=0.0).images[:, 0, 0, 0].tolist()
+    write_png(root / "cat" / "new.png", 77)
+    again = load_dataset(name, "train", test_fraction=0.0)
+    assert len(again) == len(first) + 1 and 77 in again.images[:, 0, 0, 0].tolist()
+    assert len(cache_entries(cache)) == 1                         # older entries of the folder are dropped
+
+
+def test_options_that_change_the_images_have_their_own_entry(tmp_path, cache):
+    name = f"imagefolder:{write_imagefolder(tmp_path / 'imgs')}"
+    assert load_dataset(name, "train", size=4).image_shape == (1, 4, 4)
+    assert load_dataset(name, "train").image_shape == (1, 8, 8)
+    assert load_dataset(name, "train", size=4).image_shape == (1, 4, 4)
+
+
+def test_a_damaged_or_unwritable_cache_only_costs_a_decode(tmp_path, cache, monkeypatch):
+    name = f"imagefolder:{write_imagefolder(tmp_path / 'imgs')}"
+    good = load_dataset(name, "train")
+    (entry,) = cache_entries(cache)
+    (entry / "train.npy").write_bytes(b"\x93NUMPY truncated")
+    assert torch.equal(load_dataset(name, "train").images, good.images)
+    (entry / "meta.json").write_text("{not json")
+    assert torch.equal(load_dataset(name, "train").images, good.images)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(blocked))          # cannot hold a folder
+    assert torch.equal(load_dataset(name, "train").images, good.images)
+
+
+def test_parallel_decoding_equals_serial_and_still_names_a_bad_file(tmp_path, cache, monkeypatch):
+    root = write_imagefolder(tmp_path / "imgs", per_class=6)
+    serial = load_dataset(f"imagefolder:{root}", "train")
+    monkeypatch.setattr(data, "PARALLEL_MIN_IMAGES", 0)
+    monkeypatch.setattr(data, "DECODE_CHUNK", 4)
+    files = sorted(root.glob("*/*.png"))
+    images = data._decode_images(files, "L", (8, 8))
+    assert data._decode_workers(len(files)) >= min(2, os.cpu_count() or 1)
+    assert torch.equal(torch.from_numpy(images), torch.from_numpy(data._decode_chunk(files, "L", (8, 8))))
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "other-cache"))
+    assert torch.equal(load_dataset(f"imagefolder:{root}", "train").images, serial.images)
+    (root / "frog" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(DatasetError, match="broken.png: cannot read image"):
+        data._decode_images(sorted(root.glob("*/*.png")), "L", (8, 8))
+
+
+def test_imagefolder_test_split_uses_the_exact_training_statistics(tmp_path, cache):
+    """More than 500 training images: a sample of them (the old way) would shift the statistics."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(["a", "b"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(330):
+            Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8), "L").save(root / cls / f"{i}.png")
+    train, test = (load_dataset(f"imagefolder:{root}", s) for s in ("train", "test"))
+    assert len(train) > 500
+    assert test.mean == train.mean == data.channel_stats(train.images)[0]
+    assert test.std == train.std == data.channel_stats(train.images)[1]
+
+
+def test_channel_stats_is_exact_and_handles_constant_channels():
+    x = torch.randint(0, 256, (300, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref = x.transpose(0, 1).reshape(3, -1).double() / 255
+    mean, std = data.channel_stats(x)
+    assert mean == pytest.approx(ref.mean(1).tolist(), abs=6e-5)
+    assert std == pytest.approx(ref.std(1, unbiased=False).tolist(), abs=6e-5)
+    assert data.channel_stats(x.numpy()) == (mean, std)                        # arrays too
+    assert data.channel_stats(torch.full((4, 1, 2, 2), 51, dtype=torch.uint8)) == ((0.2,), (1.0,))
+    with pytest.raises(ValueError, match="uint8"):
+        data.channel_stats(x.float())
+
+
 # ----------------------------------------------------------------------------- names, splits, transforms
 
 def test_unknown_dataset_name_lists_the_valid_names():

@@ -151,10 +151,21 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 dot products.
+ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10", "AMX", "ALL")
+
+
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run natively (oneDNN), so autocast pays off."""
+    """AMX or AVX512-BF16: bf16 matmuls run natively (oneDNN), so autocast pays off.
+
+    NOTE: the probes read CPUID, so a oneDNN capped below bf16 (ONEDNN_MAX_CPU_ISA=AVX2, e.g.
+    to reproduce an AVX2-only machine) is checked apart: bf16 is emulated there, many times slower.
+    """
     import torch
 
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap and not cap.startswith(ONEDNN_BF16_ISAS):
+        return False
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         fn = getattr(cpu, probe, None)

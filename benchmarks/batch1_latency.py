@@ -1,0 +1,110 @@
+"""Batch-1 latency (the "mobile" in Mobile V-MoE): dense vs per-image MoE vs per-token MoE.
+
+    python -m benchmarks.batch1_latency [--width 192 --depth 12] [--repeats 15] [--compile] [--quick] [--json]
+
+Same width and depth for all three: `vit-LxD`, `mvmoe-LxD-e10k1` (per-image
+router, one expert per image: the dense MACs plus a router) and
+`vmoe-LxD-e8k2` (per-token routing, two experts per token). fp32, eval mode,
+inference_mode, 28x28x1 inputs. Batch 1 is timed in blocks of calls
+(median over blocks, interleaved side by side); batch 256 one call at a time.
+Eager always; with --compile also `torch.compile` (inductor; minutes of
+compiling on a 2-core machine), with a row saying whether it helps. Targets: per-image MoE <= 1.05x dense at batch 1, <= 1.02x at batch 256.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import emit, ms, row, side_by_side  # noqa: E402
+from workbench.models import create_model  # noqa: E402
+
+SECTION = "batch-1 latency"
+TARGETS = {1: 1.05, 256: 1.02}
+
+
+def block(fn, calls: int):
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
+
+
+def compiled(model):
+    """torch.compile of the forward, or None with the reason when it fails here."""
+    try:
+        fn = torch.compile(model, dynamic=False)
+        return fn, ""
+    except Exception as e:  # noqa: BLE001 - any backend failure becomes a row that says so
+        return None, f"{type(e).__name__}: {e}"[:160]
+
+
+def measure_mode(models: dict, batch: int, repeats: int, mode: str) -> dict:
+    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    calls = 20 if batch == 1 else 1
+    fns = {}
+    for name, model in models.items():
+        fn = model
+        if mode == "compiled":
+            fn, why = compiled(model)
+            if fn is None:
+                raise RuntimeError(why)
+        fns[name] = block(lambda fn=fn: fn(x), calls)
+    with torch.inference_mode():
+        t = side_by_side(fns, repeats, warmup=3)
+    return {k: v / calls for k, v in t.items()}
+
+
+def measure(width: int, depth: int, repeats: int, batches=(1, 256), modes=("eager", "compiled")) -> list:
+    torch.manual_seed(0)
+    shape = f"{depth}x{width}"
+    names = {"dense": f"vit-{shape}", "image": f"mvmoe-{shape}-e10k1", "token": f"vmoe-{shape}-e8k2"}
+    models = {k: create_model(v).eval() for k, v in names.items()}
+    rows, eager = [], {}
+    for mode in modes:
+        for batch in batches:
+            try:
+                t = measure_mode(models, batch, repeats if batch == 1 else max(3, repeats // 3), mode)
+            except Exception as e:  # noqa: BLE001
+                rows.append(row(SECTION, f"{mode}, batch {batch}", "skipped", f"{type(e).__name__}: {e}"[:200],
+                                None, ""))
+                continue
+            if mode == "eager":
+                eager[batch] = t
+            ratio = t["image"] / t["dense"]
+            target = f"≤ {TARGETS[batch]:.2f}×" if batch in TARGETS else ""
+            rows.append(row(SECTION, f"{mode}, batch {batch}, fp32: per-image {names['image']} vs dense {names['dense']}",
+                            ms(t["image"]), ms(t["dense"]), ratio, "time MoE / dense", target,
+                            ratio <= TARGETS[batch] if batch in TARGETS else None))
+            rows.append(row(SECTION, f"{mode}, batch {batch}, fp32: per-token {names['token']} vs dense {names['dense']}",
+                            ms(t["token"]), ms(t["dense"]), t["token"] / t["dense"], "time MoE / dense"))
+            if mode == "compiled" and batch in eager:
+                rows.append(row(SECTION, f"batch {batch}: torch.compile vs eager, per-image MoE (dense: "
+                                f"{eager[batch]['dense'] / t['dense']:.2f}×)", ms(t["image"]), ms(eager[batch]["image"]),
+                                eager[batch]["image"] / t["image"], "speed-up"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    ap.add_argument("--quick", action="store_true", help="a 4x64 model, few repeats, eager (checks the plumbing)")
+    ap.add_argument("--json", action="store_true", help="rows as JSON for `python -m benchmarks`")
+    args = ap.parse_args()
+    if args.quick:
+        rows = measure(64, 4, 3, batches=(1, 8), modes=("eager",))
+    else:
+        rows = measure(args.width, args.depth, args.repeats,
+                       modes=("eager", "compiled") if args.compile else ("eager",))
+    emit(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -663,7 +663,7 @@ def _decoded_split(path: Path, items: dict, split: str, options: dict):
     from PIL import Image   # only decoding needs Pillow
 
     with _open_image(files["train"][0], Image) as first:
-        mode = "L" if first.mode in GREY_MODES else "RGB"
+        mode = options.get("mode") or ("L" if first.mode in GREY_MODES else "RGB")
         wh = (options["size"],) * 2 if options["size"] else first.size
     arrays = {s: _decode_images(files[s], mode, wh) for s in SPLITS}
     mean, std = channel_stats(arrays["train"])
@@ -804,11 +804,11 @@ def _read_superclasses(class_root: Path, path: Path, classes: list[str]):
 def _load_tiny_imagenet(split: str, root, size: Optional[int] = None) -> ImageDataset:
     """The official tiny-imagenet-200 layout (workbench/tinyimagenet.py); `val` is the test split.
 
-    Reference hierarchy: WordNet 3.0 cut into 10 groups (workbench/wordnet.py).
-    Images keep their size (64x64 officially) unless `size` is given.
+    Decoded once into the same uint8 cache as image folders (always RGB: the
+    official set has some grey JPEGs). Reference hierarchy: WordNet 3.0 cut into
+    10 groups (workbench/wordnet.py). Images keep their size (64x64 officially)
+    unless `size` is given.
     """
-    from PIL import Image
-
     from . import tinyimagenet as tin
     from .wordnet import read_table, wordnet_groups
 
@@ -816,20 +816,17 @@ def _load_tiny_imagenet(split: str, root, size: Optional[int] = None) -> ImageDa
     wnids, classes, train, val = tin.read_layout(folder)
     if split == "test" and not val:
         raise DatasetError(f"{folder}: no val/val_annotations.txt, so there is no labelled test split")
-    with _open_image(train[0][0], Image) as first:
-        wh = (size, size) if size else first.size
-    items = train if split == "train" else val
-    images = _read_images([f for f, _ in items], "RGB", wh, Image)
-    labels = torch.tensor([lbl for _, lbl in items], dtype=torch.int64)
-    stats_from = images if split == "train" else _read_images([f for f, _ in train], "RGB", wh, Image)
-    mean, std = channel_stats(stats_from)
+    items = {"train": [(str(f), lbl) for f, lbl in train], "test": [(str(f), lbl) for f, lbl in val]}
+    images, mean, std = _decoded_split(folder, items, split, {"size": size, "mode": "RGB", "layout": "tiny-imagenet"})
+    labels = torch.tensor([lbl for _, lbl in items[split]], dtype=torch.int64)
     table = read_table()
     groups = names = source = None
     if all(w in table for w in wnids):
         k = min(tin.WORDNET_GROUPS, len(wnids))
         groups, names = wordnet_groups([table[w]["paths"] for w in wnids], k)
         source = f"WordNet 3.0 hypernyms cut into {k} groups (workbench/wordnet.py) — a reference, not official labels"
-    return ImageDataset("tiny-imagenet", split, images, labels, classes, mean, std, groups, names, source, hflip=True)
+    return ImageDataset("tiny-imagenet", split, torch.from_numpy(images), labels, classes, mean, std, groups, names,
+                        source, hflip=True)
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -503,3 +503,12 @@ def test_deep_json_in_maps_metrics_and_job_files_is_refused_not_a_recursion_erro
     (run / "job.json").write_text(_deep())
     assert jobs.read_metrics(run) == [{"step": 1, "loss": 2.0}]
     jobs.list_jobs(tmp_path / "runs")   # no RecursionError
+
+
+def test_a_deep_superclasses_json_beside_an_image_folder_is_a_dataset_error(tmp_path):
+    from workbench.data import DatasetError, load_dataset
+
+    folder = _image_folder(tmp_path / "shapes", ("a", "b"), n=5)
+    (folder / "superclasses.json").write_text(_deep())
+    with pytest.raises(DatasetError, match="nested more than"):
+        load_dataset(f"imagefolder:{folder}", "test")

@@ -667,7 +667,7 @@ def read_uploaded_image(data: bytes, image_shape: Sequence[int]):
         raise UploadError("not a PNG or JPEG image (Pillow cannot identify it)") from None
     except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBomb*, ...
         raise ValueError(f"not a readable PNG or JPEG image ({type(e).__name__}: {e})") from None
-    a = np.asarray(img, dtype=np.uint8)
+    a = np.array(img, dtype=np.uint8)   # a writable copy (torch warns about read-only arrays)
     a = a[None] if c == 1 else np.transpose(a, (2, 0, 1))
     return np.ascontiguousarray(a), notes
 

@@ -644,7 +644,7 @@ def _read_superclasses(class_root: Path, path: Path, classes: list[str]):
     try:
         mapping = read(sc, max_bytes=1 << 20)
     except (OSError, ValueError) as e:  # malformed, too large or too deeply nested
-        raise DatasetError(f"{sc}: not valid JSON ({e})") from None
+        raise DatasetError(str(e) if isinstance(e, ValueError) else f"{sc}: cannot be read ({e})") from None
     if not isinstance(mapping, dict):
         raise DatasetError(f"{sc}: expected an object {{class_name: group}}, got {type(mapping).__name__}")
     missing, unknown = sorted(set(classes) - set(mapping)), sorted(set(mapping) - set(classes))

@@ -45,7 +45,7 @@ def loads(data: Union[bytes, str], source: str = "JSON", max_bytes: int = MAX_BY
     except RecursionError:
         raise JSONLimitError(f"{source}: nested more than {max_depth} levels deep") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JSONLimitError(f"{source}: malformed JSON: {e}") from None
+        raise JSONLimitError(f"{source}: not valid JSON ({e})") from None
     if depth(value) > max_depth:
         raise JSONLimitError(f"{source}: nested more than {max_depth} levels deep")
     return value

@@ -9,6 +9,7 @@ every view is linked to the others and can be shared as a URL.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ if str(ROOT) not in sys.path:
 import streamlit as st
 
 from workbench import paths
-from workbench.checkpoint import CheckpointError, list_checkpoints, read_card, sha256_file
+from workbench.checkpoint import (CARD, WEIGHTS, CheckpointError, inspect_checkpoint, list_checkpoints, read_card,
+                                  sha256_file)
 
 CKPT_KEY = "sel_ckpt"            # session_state key of the selected checkpoint ("samples/<rel>" | "runs/<rel>")
 DEFAULT_MAX_IMAGES = 500         # test images analysed per page (sidebar setting): cold pages stay fast
@@ -37,6 +39,12 @@ def md(text: Any) -> str:
     (Streamlit reads ":name[...]" and ":shortcode:" as directives.)
     """
     return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def short(text: Any, limit: int = 120) -> str:
+    """`text` cut to `limit` characters (names from cards and URLs can be any length)."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def need(condition: Any, message: str) -> None:
@@ -60,45 +68,91 @@ def ckpt_ref(path: Path) -> str:
     raise ValueError(f"{path} is not under the samples or runs folder")
 
 
+MAX_REF_CHARS = 1024   # a checkpoint reference from a URL: longer is never a folder of ours
+
+
 def resolve_ref(ref: str) -> Optional[Path]:
     """The checkpoint folder named by a 'samples/<rel>' | 'runs/<rel>' reference, or None if invalid."""
-    if not isinstance(ref, str) or not ref:
+    if not isinstance(ref, str) or not ref or len(ref) > MAX_REF_CHARS:
         return None
     tag, _, rel = ref.partition("/")
     root = _roots().get(tag)
     if root is None:
         return None
     try:
-        return paths.inside(root, rel or ".")
-    except ValueError:
+        path = paths.inside(root, rel or ".")
+        return path if path.is_dir() else None
+    except (ValueError, OSError):  # outside the root, NUL bytes, names too long for the file system
         return None
 
 
 # ----------------------------------------------------------------------------- linked selection
+_INVALID = object()
+_URL_KEYS = "_sel_from_url"   # session_state: selections read from the URL and not yet shown to be valid
+
+
 def _cast(value: Any, like: Any) -> Any:
-    if like is None or isinstance(value, type(like)):
-        return value
-    try:
-        if isinstance(like, bool):
-            return str(value).lower() in ("1", "true", "yes")
-        return type(like)(value)
-    except (TypeError, ValueError):
-        return like
+    """A URL string as the type of `like`, or _INVALID (URLs can hold anything, of any length)."""
+    text = str(value).strip()
+    if like is None or isinstance(like, str):
+        return text if len(text) <= 200 else _INVALID
+    if isinstance(like, bool):
+        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower(), _INVALID)
+    if isinstance(like, int):
+        return int(text) if re.fullmatch(r"[+-]?\d{1,18}", text) else _INVALID
+    if isinstance(like, float):
+        try:
+            number = float(text) if len(text) <= 40 else float("nan")
+        except ValueError:
+            return _INVALID
+        return number if math.isfinite(number) else _INVALID
+    return _INVALID
+
+
+def _warn_link(key: str, raw: Any, why: str, used: Any) -> None:
+    st.sidebar.warning(f"The link's `{md(key)}={md(short(raw, 40))}` {why}; showing {md(used)} instead.")
 
 
 def selection(key: str, default: Any) -> Any:
     """The shared selection `key` (e.g. "class", "expert", "layer"): session state, else URL, else default.
 
-    The value is cast to the type of `default` when it comes from the URL.
+    A URL value is cast to the type of `default`; one that cannot be (any
+    string, of any length) gives a sidebar message and the default.
     """
     skey = f"sel_{key}"
     if skey in st.session_state:
         return st.session_state[skey]
     if key in st.query_params:
-        value = _cast(st.query_params[key], default)
+        raw = st.query_params[key]
+        value = _cast(raw, default)
+        if value is _INVALID:
+            _warn_link(key, raw, "is not a valid value", default)
+            value = default
+        else:
+            st.session_state.setdefault(_URL_KEYS, set()).add(key)
         st.session_state[skey] = value
         return value
     return default
+
+
+def _came_from_url(key: str) -> bool:
+    """Whether selection `key` was read from the URL and not yet checked against the choices (checks it now)."""
+    keys = st.session_state.get(_URL_KEYS) or set()
+    if key in keys:
+        keys.discard(key)
+        return True
+    return False
+
+
+def index_selection(key: str, n: int, default: int = 0) -> int:
+    """The shared selection `key` as an index in 0..n-1; an out-of-range value from the URL gives a message."""
+    value = selection(key, default)
+    from_url = _came_from_url(key)
+    if not 0 <= value < n:
+        if from_url:
+            _warn_link(key, value, f"is outside 0–{n - 1}", default)
+        value = default
+    return value
 
 
 def set_selection(key: str, value: Any) -> None:
@@ -124,7 +178,10 @@ def linked_selectbox(label: str, options: Sequence, key: str, default: Any = Non
         return None
     container = container or st
     current = selection(key, default if default is not None else options[0])
+    from_url = _came_from_url(key)
     if current not in options:
+        if from_url:
+            _warn_link(key, current, "is not one of the choices here", format_func(options[0]))
         current = options[0]
     wkey = f"w_{key}"
     st.session_state[wkey] = current
@@ -171,16 +228,48 @@ def weights_hash(path: Path) -> str:
     return _file_digest(str(f), stat.st_mtime_ns, stat.st_size)
 
 
+def _stamp(path: Path) -> Optional[tuple]:
+    """(mtime, size) of the card and the weights: the checkpoint's cache key (None when a file is gone)."""
+    try:
+        return tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in (Path(path) / CARD, Path(path) / WEIGHTS))
+    except OSError:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _inspect(path: str, root: str, stamp: Optional[tuple]) -> tuple[Optional[dict], Optional[str]]:
+    """(card, None) when the checkpoint can be opened, else (None, why): card and config vs weights header."""
+    try:
+        for name in (CARD, WEIGHTS):  # a file linked from elsewhere would be read outside the app's folders
+            paths.inside(root, Path(path) / name)
+        return inspect_checkpoint(path), None
+    except ValueError as e:  # CheckpointError, or a link out of the checkpoint folders
+        return None, str(e)
+    except OSError as e:
+        return None, f"cannot be read: {e}"
+
+
+def _root_of(path: Path) -> Path:
+    return _roots()[ckpt_ref(path).split("/")[0]]
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be opened (None when it can); cached on the files' stamps."""
+    return _inspect(str(path), str(_root_of(path)), _stamp(path))[1]
+
+
 @st.cache_data(show_spinner=False, ttl=5)
-def _available(samples: str, runs: str) -> list[tuple[str, str]]:
-    """(ref, label) of every readable checkpoint under the two roots."""
+def _available(samples: str, runs: str) -> list[tuple[str, str, Optional[str]]]:
+    """(ref, label, problem or None) of every checkpoint folder under the two roots."""
     out = []
     for path in list_checkpoints(samples, runs):
         try:
-            card = read_card(path)
-        except CheckpointError:
+            ref = ckpt_ref(path)
+        except ValueError:  # a linked folder that resolves outside both roots
             continue
-        out.append((ckpt_ref(path), card_label(path, card)))
+        card, problem = _inspect(str(path), str(_root_of(path)), _stamp(path))
+        label = card_label(path, card) if card is not None else f"⚠ {path.name} · cannot be opened"
+        out.append((ref, label, problem))
     return out
 
 
@@ -193,25 +282,43 @@ def card_label(path: Path, card: dict) -> str:
     acc = (card.get("metrics") or {}).get("test_accuracy")
     acc_txt = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "n/a"
     where = "run" if ckpt_ref(path).startswith("runs/") else "sample"
-    name, preset = Path(path).name, str(card.get("preset"))
+    name, preset = Path(path).name, short(card.get("preset"), 40)
     head = name if name == preset else f"{name} ({preset})"
-    return f"{head} · {card.get('dataset')} · {acc_txt} · {where}"
+    return f"{head} · {short(card.get('dataset'), 40)} · {acc_txt} · {where}"
+
+
+def _entries() -> list[tuple[str, str, Optional[str]]]:
+    roots = _roots()
+    return [e for e in _available(str(roots["samples"]), str(roots["runs"]))
+            if (p := resolve_ref(e[0])) is not None and (p / CARD).is_file()]  # not deleted since cached
 
 
 def available_checkpoints() -> list[tuple[Path, str]]:
-    """Every checkpoint the app may open: (folder, label)."""
-    roots = _roots()
-    return [(resolve_ref(ref), label) for ref, label in _available(str(roots["samples"]), str(roots["runs"]))]
+    """Every checkpoint the app can open: (folder, label). Broken ones are left out (the picker names them)."""
+    return [(resolve_ref(ref), label) for ref, label, problem in _entries() if problem is None]
+
+
+def _ref_from_url(refs: list[str]) -> Optional[str]:
+    """The checkpoint named by the URL's `ckpt` (any string), or None with a sidebar warning."""
+    url_ref = st.query_params.get("ckpt")
+    if url_ref is None:
+        return None
+    url_path = resolve_ref(url_ref)
+    if url_path is not None and ckpt_ref(url_path) in refs:
+        return ckpt_ref(url_path)
+    st.sidebar.warning(f"Checkpoint `{md(short(url_ref, 80))}` from the link is not available; showing another one.")
+    return None
 
 
 def checkpoint_picker() -> Optional[Path]:
     """Sidebar checkpoint selector shared by all pages; the choice is kept in session state and the URL.
 
     Returns the selected checkpoint folder, or None (with a helpful message)
-    when there is none to choose.
+    when there is none to choose. Checkpoints that cannot be opened are listed
+    with a warning sign, and the reason is shown under the picker when chosen.
     """
-    items = [(p, label) for p, label in available_checkpoints() if (p / "card.json").is_file()]  # not deleted since
-    if not items:
+    entries = _entries()
+    if not entries:
         st.sidebar.info("No checkpoints found.")
         st.info(
             f"No checkpoints found in `{paths.samples_dir()}` or `{paths.runs_dir()}`. "
@@ -219,20 +326,17 @@ def checkpoint_picker() -> Optional[Path]:
             "`python -m workbench.train --dataset synthetic --model mvmoe-4x64-e4k1 --epochs 1 --out runs/first`."
         )
         return None
-    refs = [ckpt_ref(p) for p, _ in items]
-    labels = dict(zip(refs, (label for _, label in items)))
+    refs = [ref for ref, _, _ in entries]
+    labels = {ref: label for ref, label, _ in entries}
+    problems = {ref: problem for ref, _, problem in entries}
     current = st.session_state.get(CKPT_KEY)
-    if current is None and "ckpt" in st.query_params:
-        url_ref = st.query_params["ckpt"]
-        url_path = resolve_ref(url_ref)
-        if url_path is not None and url_path.is_dir() and ckpt_ref(url_path) in refs:
-            current = ckpt_ref(url_path)
-        else:
-            st.sidebar.warning(f"Checkpoint `{url_ref}` from the link is not available; showing another one.")
+    if current is None:
+        current = _ref_from_url(refs)
     if current not in refs:
         if current is not None:
-            st.sidebar.warning(f"Checkpoint `{current}` is gone (deleted or renamed); showing another one.")
-        current = refs[0]
+            st.sidebar.warning(f"Checkpoint `{md(short(current, 80))}` is gone (deleted or renamed); "
+                               "showing another one.")
+        current = next((ref for ref in refs if problems[ref] is None), refs[0])
     st.session_state["w_ckpt"] = current  # see linked_selectbox: the shared choice drives the widget
 
     def changed():
@@ -243,6 +347,8 @@ def checkpoint_picker() -> Optional[Path]:
                                help="Sample checkpoints shipped with the workbench and your training runs.")
     st.session_state[CKPT_KEY] = ref
     st.query_params["ckpt"] = ref
+    if problems[ref]:
+        st.sidebar.warning(f"**{md(Path(ref).name)}** cannot be opened: {md(problems[ref])}")
     _max_images_widget()
     _bf16_widget()
     mirror_selections("class", "expert", "layer")
@@ -334,9 +440,12 @@ def open_checkpoint(path: Optional[Path]) -> tuple[Optional[dict], Optional[Path
     """(card, path) of the selected checkpoint, or a message + st.stop() when it cannot be read."""
     need(path is not None, "Pick a checkpoint in the sidebar to use this page.")
     try:
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(problem)
         return load_card(path), path
     except (CheckpointError, OSError) as e:
-        st.warning(f"This checkpoint cannot be read (was its folder deleted or is a run still writing it?): {e}")
+        st.warning(f"This checkpoint cannot be opened: {md(e)}")
         st.stop()
 
 
@@ -350,10 +459,15 @@ def get_model(path: Path):
 
 
 @st.cache_data(show_spinner="Loading test data…", max_entries=4)
-def _load_eval_data(dataset: str):
+def _load_data(dataset: str):
     from workbench.data import load_dataset
 
     return load_dataset(dataset, "test")
+
+
+def _load_eval_data(card_dataset: str):
+    """The test split of a card's dataset; DataLocationError (a ValueError) for data outside the data roots."""
+    return _load_data(paths.resolve_card_data(card_dataset))
 
 
 def load_eval_data(card: dict, quiet: bool = False):
@@ -371,12 +485,14 @@ def load_eval_data(card: dict, quiet: bool = False):
         return None
     except ValueError as e:  # DatasetError is a ValueError; it says where it looked and how to get the data
         if not quiet:
-            st.warning(f"The test data of **{name}** is not available here, so this view cannot be computed.\n\n{e}")
+            st.warning(f"The test data of **{md(short(name))}** is not available here, so this view cannot be "
+                       f"computed.\n\n{md(e)}")
         return None
-    problem = data_mismatch(card, ds)
+    problem = data_mismatch(card, ds) or (None if len(ds) else "its test split has no images.")
     if problem:
         if not quiet:
-            st.warning(f"The test data of **{name}** found here does not match this checkpoint: {problem}")
+            st.warning(f"The test data of **{md(short(name))}** found here does not match this checkpoint: "
+                       f"{md(problem)}")
         return None
     return ds
 
@@ -463,49 +579,105 @@ def to_pil(image_chw):
     return Image.fromarray(a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0)))
 
 
-MAX_UPLOAD_BYTES = 512 * 1024   # an uploaded test image is tiny (28x28 or 32x32); refuse anything big
+MAX_UPLOAD_BYTES = 2 * 1024 * 1024   # the server's cap too (workbench/.streamlit/config.toml: maxUploadSize = 2)
+MAX_UPLOAD_PIXELS = 4096 * 4096       # decoded size checked from the header: larger is refused as a bomb
+UPLOAD_FORMATS = ("PNG", "JPEG")
+
+
+class UploadError(ValueError):
+    """An uploaded file that cannot be used; the message says why."""
+
+
+def _decode_upload(data: bytes, target_wh: tuple[int, int]):
+    """Pillow image of an uploaded PNG/JPEG, decoded only after its header passed the size checks."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    bomb = (f"the image is larger than {MAX_UPLOAD_PIXELS / 1e6:.1f} megapixels once decoded "
+            "(a decompression bomb?); it is not decoded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UploadError(bomb) from None
+        if img.format not in UPLOAD_FORMATS:
+            raise UploadError(f"expected a PNG or JPEG file, got {img.format or 'an unknown format'}")
+        w, h = img.size
+        if w * h > MAX_UPLOAD_PIXELS:
+            raise UploadError(f"{bomb}: {w}×{h} pixels")
+        if img.format == "JPEG":
+            img.draft(img.mode, target_wh)  # decode a large JPEG at a reduced scale directly
+        img.load()
+    return img, (w, h)
+
+
+def _to_8bit(img):
+    """16-bit and 32-bit grey images scaled to 0..255 (Pillow's convert("L") would clip at 255)."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.float64) / 65535.0   # PNG holds at most 16 bits per sample
+        return Image.fromarray(np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8), "L"), True
+    if img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        return Image.fromarray(np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8), "L"), True
+    return img, False
 
 
 def read_uploaded_image(data: bytes, image_shape: Sequence[int]):
-    """Bytes of an uploaded PNG -> (uint8 array (C, H, W) matching `image_shape`, the file's Pillow mode).
+    """Bytes of an uploaded PNG or JPEG -> (uint8 array (C, H, W) of `image_shape`, notes for the user).
 
     Parsed only with Pillow, after checking the byte size and the header's
-    pixel size (so a decompression bomb is refused before decoding). Grey vs
-    colour is converted to the dataset's channel count; the size must match.
-    Raises ValueError with a message for the user.
+    pixel count (so a decompression bomb is refused before decoding). Any
+    mode is converted to the dataset's grey/RGB (16-bit grey is scaled, not
+    clipped) and any size is resized to the model's input; each change is
+    described in the notes. Raises ValueError with a message for the user.
     """
-    import io
-
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     c, h, w = (int(v) for v in image_shape)
     if len(data) > MAX_UPLOAD_BYTES:
-        raise ValueError(f"the file is {len(data) / 1024:.0f} KB; images up to {MAX_UPLOAD_BYTES // 1024} KB are accepted")
+        raise UploadError(f"the file is {len(data) / 1024:.0f} KB; images up to {MAX_UPLOAD_BYTES // 1024} KB are accepted")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt, size, mode = probe.format, probe.size, probe.mode
-            if fmt != "PNG":
-                raise ValueError(f"expected a PNG file, got {fmt or 'an unknown format'}")
-            if size != (w, h):
-                raise ValueError(f"the image is {size[0]}×{size[1]} pixels; this dataset's images are {w}×{h}")
-            probe.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            converted = img.convert("L" if c == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"not a readable PNG image ({e})") from None
-    a = np.asarray(converted, dtype=np.uint8)
+        img, size = _decode_upload(data, (w, h))
+        img = ImageOps.exif_transpose(img)
+        notes, mode = [], img.mode
+        img, scaled = _to_8bit(img)
+        if scaled:
+            notes.append(f"Scaled the {mode} image's values to 0–255.")
+        want = "L" if c == 1 else "RGB"
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img)
+            notes.append("Placed the transparent image on a white background.")
+        if img.mode != want:
+            notes.append(f"Converted from mode {mode} to {'grey' if c == 1 else 'RGB'}.")
+            img = img.convert(want)
+        if img.size != (w, h):
+            notes.append(f"Resized from {size[0]}×{size[1]} to the model's {w}×{h} pixels.")
+            img = img.resize((w, h), Image.Resampling.LANCZOS)
+    except UploadError:
+        raise
+    except UnidentifiedImageError:
+        raise UploadError("not a PNG or JPEG image (Pillow cannot identify it)") from None
+    except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBomb*, ...
+        raise ValueError(f"not a readable PNG or JPEG image ({type(e).__name__}: {e})") from None
+    a = np.array(img, dtype=np.uint8)   # a writable copy (torch warns about read-only arrays)
     a = a[None] if c == 1 else np.transpose(a, (2, 0, 1))
-    return np.ascontiguousarray(a), mode
+    return np.ascontiguousarray(a), notes
 
 
 __all__ = [
-    "md", "need", "selection", "set_selection", "linked_selectbox", "mirror_selections",
+    "md", "need", "selection", "index_selection", "set_selection", "linked_selectbox", "mirror_selections",
     "checkpoint_picker", "available_checkpoints", "refresh_checkpoints", "checkpoint_hash", "weights_hash", "ckpt_ref", "resolve_ref",
     "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset", "dataset_or_none", "analysis_bf16",
     "max_images",
-    "DEFAULT_MAX_IMAGES", "read_uploaded_image", "MAX_UPLOAD_BYTES", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
+    "DEFAULT_MAX_IMAGES", "read_uploaded_image", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "short", "checkpoint_problem", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
 ]
 
 

@@ -13,7 +13,7 @@ from analysis.collect import collect_routing
 from analysis.confusion import predict
 from analysis.routing import image_expert_counts, spatial_expert_maps, spatial_map_figure
 from pages.common import (MAX_UPLOAD_BYTES, checkpoint_hash, checkpoint_picker, get_model, linked_selectbox,
-                          load_eval_data, load_model, need, open_checkpoint, read_uploaded_image, selection,
+                          index_selection, load_eval_data, load_model, md, need, open_checkpoint, read_uploaded_image,
                           set_selection, to_pil)
 
 METHOD_NAMES = {"ig": "Integrated Gradients", "saliency": "Saliency (|gradient|)", "occlusion": "Occlusion"}
@@ -59,27 +59,28 @@ digest = checkpoint_hash(path)
 shape = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
 
 ds = load_eval_data(card)
-sources = (["Test image"] if ds is not None else []) + ["Upload a PNG"]
+sources = (["Test image"] if ds is not None else []) + ["Upload an image"]
 top_row = st.columns([1, 1, 2])
-source = top_row[0].radio("Image", sources, horizontal=True)
+source = top_row[0].radio("Image", sources, horizontal=True, key="w_image_source")
 if source == "Test image":
     index = int(top_row[1].number_input(f"Test image index (0–{len(ds) - 1})", 0, len(ds) - 1,
-                                min(int(selection("image", 0)), len(ds) - 1), step=1))
+                                        index_selection("image", len(ds)), step=1))
     set_selection("image", index)
     image, label = np.asarray(ds.images[index]), int(ds.labels[index])
     image_key = f"test-{card.get('dataset')}-{index}"
     mean, std = tuple(ds.mean), tuple(ds.std)
 else:
-    up = st.file_uploader(f"PNG of {shape[2]}×{shape[1]} pixels, {'grey' if shape[0] == 1 else 'RGB'} "
-                          f"(at most {MAX_UPLOAD_BYTES // 1024} KB)", type=["png"])
-    need(up is not None, "Upload a PNG image of the dataset's size to inspect it.")
+    up = st.file_uploader(f"PNG or JPEG (resized to {shape[2]}×{shape[1]} pixels, "
+                          f"{'grey' if shape[0] == 1 else 'RGB'}; at most {MAX_UPLOAD_BYTES // 1024} KB)",
+                          type=["png", "jpg", "jpeg"])
+    need(up is not None, "Upload a PNG or JPEG image (for example one of the dataset's own files) to inspect it.")
     try:
-        image, mode = read_uploaded_image(up.getvalue(), shape)
+        image, notes = read_uploaded_image(up.getvalue(), shape)
     except ValueError as e:
-        st.error(f"This file cannot be used: {e}")
+        st.error(f"This file cannot be used: {md(e)}")
         st.stop()
-    if mode not in ("L", "RGB"):
-        st.caption(f"Converted from mode {mode} to {'grey' if shape[0] == 1 else 'RGB'}.")
+    for note in notes:
+        st.caption(note)
     label = -1
     image_key = "upload-" + hashlib.sha256(up.getvalue()).hexdigest()
     need(ds is not None, "Uploads are normalised with the dataset's statistics, which need its test data.")

@@ -4,7 +4,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import checkpoint_picker, get_model, need, open_checkpoint
+from pages.common import checkpoint_picker, get_model, md, need, open_checkpoint
 
 FAMILY_TEXT = {
     "vit": "Dense ViT: every block runs its MLP on every token (the baseline).",
@@ -108,8 +108,13 @@ if sc and sc.get("assignment"):
     rows = [{"super-class": g, "name": names[g] if g < len(names) else f"group {g}",
              "classes": ", ".join(str(classes[i]) for i, a in enumerate(sc["assignment"]) if a == g and i < len(classes))}
             for g in range(len(names))]
-    st.caption(f"Router trained to predict these groups (method: {sc.get('method', 'n/a')}). "
-               "Expert e serves super-class e.")
+    if cfg.get("superclasses") is not None:
+        st.caption(f"Router trained to predict these groups (method: {md(sc.get('method', 'n/a'))}). "
+                   "Expert e serves super-class e.")
+    else:  # the pipeline records the groups found from this model's confusion; this model does not use them
+        st.caption(f"Super-classes found from the confusion of the pipeline's dense baseline (method: "
+                   f"{md(sc.get('method', 'n/a'))}). This model does not use them: "
+                   + ("it has no router." if family == "vit" else "its router was trained without them."))
     st.dataframe(pd.DataFrame(rows), hide_index=True)
 elif family == "mvmoe":
     st.info("This per-image model was trained end to end (router with balancing losses, no super-class map).")

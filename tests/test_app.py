@@ -374,17 +374,23 @@ def _png(size, mode="L") -> bytes:
 def test_upload_accepts_a_png_of_the_dataset_size():
     from pages.common import read_uploaded_image
 
-    image, mode = read_uploaded_image(_png((28, 28)), (1, 28, 28))
-    assert image.shape == (1, 28, 28) and image.dtype == np.uint8 and mode == "L"
+    image, notes = read_uploaded_image(_png((28, 28)), (1, 28, 28))
+    assert image.shape == (1, 28, 28) and image.dtype == np.uint8 and notes == []
     rgb, _ = read_uploaded_image(_png((32, 32), "RGB"), (3, 32, 32))
     assert rgb.shape == (3, 32, 32)
 
 
+def test_upload_of_another_size_is_resized_with_a_note():
+    from pages.common import read_uploaded_image
+
+    image, notes = read_uploaded_image(_png((64, 64)), (1, 28, 28))
+    assert image.shape == (1, 28, 28) and notes == ["Resized from 64×64 to the model's 28×28 pixels."]
+
+
 @pytest.mark.parametrize("data, why", [
-    (_png((64, 64)), "pixels"),
-    (b"GIF89a not an image", "PNG"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "PNG"),
-    (b"\x00" * (600 * 1024), "KB"),
+    (b"GIF89a not an image", "PNG or JPEG"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "PNG or JPEG"),
+    (b"\x00" * (3 * 1024 * 1024), "KB"),
 ])
 def test_upload_refuses_wrong_files(data, why):
     from pages.common import read_uploaded_image

@@ -200,7 +200,7 @@ def test_corrupt_weights_without_a_hash_name_the_file(saved, damage):
 
 def test_malformed_card_json(saved):
     (saved / "card.json").write_text('{"preset": "vit-2x64", ')
-    with pytest.raises(CheckpointError, match="card.json: malformed JSON"):
+    with pytest.raises(CheckpointError, match="card.json: not valid JSON"):
         load_checkpoint(saved)
 
 

@@ -2,7 +2,10 @@
 
 Declares the pages (the top-level `pages/` folder; paths are relative to this
 file) with `st.navigation`. Every page is a thin script over `workbench/` and
-`analysis/`; shared widgets and caches live in `pages/common.py`.
+`analysis/`; shared widgets and caches live in `pages/common.py`. Server
+settings (localhost only, upload cap, no usage statistics) come from
+`workbench/.streamlit/config.toml`, read beside this file from any working
+directory; `workbench.serving` refuses to serve if they were lost.
 """
 import sys
 from pathlib import Path
@@ -13,7 +16,16 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts workbench/ on the path, no
 
 import streamlit as st
 
+from workbench.serving import unsafe_server_settings
+
 st.set_page_config(page_title="MoE Vision Workbench", page_icon=":material/hub:", layout="wide")
+if problems := unsafe_server_settings():
+    message = ("This server was started with unsafe settings and will not serve the workbench: "
+               + "; ".join(problems) + ". Start it with `streamlit run workbench/app.py` next to "
+               "workbench/.streamlit/config.toml, or pass e.g. `--server.address 0.0.0.0` explicitly to share it.")
+    print(message, file=sys.stderr)
+    st.error(message)
+    st.stop()
 
 PAGES = {
     "Explore": [

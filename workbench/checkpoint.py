@@ -125,25 +125,94 @@ def _load_tensors(path: Path, device: str = "cpu") -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- cards
+MAX_CARD_BYTES = 16 << 20   # a card with a 1000-class confusion matrix is ~5 MB
+
+
 def read_card(directory: PathLike) -> dict:
-    """The checkpoint's card.json, checked for the keys every card must have."""
+    """The checkpoint's card.json: bounded in size and depth, and checked by `validate_card`."""
+    from .safejson import read
+
     path = Path(directory) / CARD
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing (a checkpoint needs {WEIGHTS} and {CARD})")
     try:
-        card = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: malformed JSON: {e}") from None
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(card).__name__}")
-    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
-    if missing:
-        raise CheckpointError(f"{path}: missing card key(s) {missing}")
-    if not isinstance(card["config"], dict):
-        raise CheckpointError(f"{path}: 'config' must be an object of ModelConfig fields")
+        card = read(path, max_bytes=MAX_CARD_BYTES)
+    except ValueError as e:  # JSONLimitError: malformed, too large or too deeply nested
+        raise CheckpointError(str(e)) from None
+    validate_card(card, path)
     return card
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(ok: bool, path, message: str) -> None:
+    if not ok:
+        raise CheckpointError(f"{path}: {message}")
+
+
+def validate_card(card, path: PathLike = CARD) -> None:
+    """Refuse a card whose fields the app or the loader could not use (CheckpointError naming the rule).
+
+    The config itself is checked by `ModelConfig` when the checkpoint is
+    loaded; here: the keys every card has, their types, and that classes,
+    super-classes and confusion agree with the config's class count.
+    """
+    _check(isinstance(card, dict), path, f"expected a JSON object, got {type(card).__name__}")
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    _check(not missing, path, f"missing card key(s) {missing}")
+    cfg = card["config"]
+    _check(isinstance(cfg, dict), path, "'config' must be an object of ModelConfig fields")
+    n = cfg.get("num_classes")
+    _check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, path,
+           f"config.num_classes must be a positive integer, got {n!r}")
+    for key in ("preset", "dataset"):
+        _check(card[key] is None or (isinstance(card[key], str) and len(card[key]) <= 4096), path,
+               f"'{key}' must be a string (at most 4096 characters)")
+    classes = card["classes"]
+    _check(isinstance(classes, list) and len(classes) == n and all(isinstance(c, (str, int)) for c in classes),
+           path, f"'classes' must list the {n} class names of config.num_classes")
+    _check(cfg.get("superclasses") is None or cfg.get("family") == "mvmoe", path,
+           f"config.superclasses is set on a {cfg.get('family')!r} model; a super-class map only guides "
+           "the per-image (mvmoe) router")
+    _check_superclasses(card["superclasses"], n, cfg, path)
+    numbers = {"metrics": ("test_accuracy",), "macs": ("active", "dense", "params_total", "params_active"),
+               "params": ("total", "active")}   # the entries the app shows
+    for key, fields in numbers.items():
+        v = card[key]
+        _check(v is None or isinstance(v, dict), path, f"'{key}' must be an object or null")
+        bad = [f for f in fields if (v or {}).get(f) is not None and not _is_number(v[f])]
+        _check(not bad, path, f"{key}.{', '.join(bad)} must be a number")
+    acc = (card["metrics"] or {}).get("test_accuracy")
+    _check(acc is None or (_is_number(acc) and 0 <= acc <= 1), path,
+           f"metrics.test_accuracy must be a fraction in [0, 1], got {acc!r}")
+    conf = card.get("confusion")
+    matrix = conf.get("matrix") if isinstance(conf, dict) else None
+    _check(conf is None or (isinstance(matrix, list) and len(matrix) == n and all(
+        isinstance(r, list) and len(r) == n and all(_is_number(x) and x >= 0 for x in r) for r in matrix)),
+        path, f"'confusion' must be null or hold a {n}x{n} 'matrix' of counts")
+    history = card.get("history")
+    _check(history is None or (isinstance(history, list) and all(isinstance(h, dict) for h in history)), path,
+           "'history' must be a list of per-epoch objects")
+
+
+def _check_superclasses(sc, n: int, cfg: dict, path) -> None:
+    """null, or {"assignment": [group per class], "names": [...]} that agrees with the router's map."""
+    if sc is None:
+        return
+    a = sc.get("assignment") if isinstance(sc, dict) else None
+    _check(isinstance(a, list) and len(a) == n and all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < n
+                                                       for g in a), path,
+           f"'superclasses' must be null or hold an 'assignment' of {n} group indices in 0..{n - 1}")
+    names = sc.get("names")
+    _check(names is None or (isinstance(names, list) and len(names) > max(a) and all(isinstance(x, str) for x in names)),
+           path, f"superclasses.names must name each of the {max(a) + 1} groups")
+    router_map = cfg.get("superclasses")
+    _check(router_map is None or router_map == a, path,
+           "'superclasses' differs from the map the router was trained on (config.superclasses)")
 
 
 def list_checkpoints(*roots: PathLike) -> list[Path]:
@@ -169,6 +238,7 @@ def save_checkpoint(directory: PathLike, model: nn.Module, card: dict, store_dty
     halves the file (for shipped samples); loading casts back to float32.
     """
     from . import __version__
+    from .paths import card_data_ref
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -182,6 +252,7 @@ def save_checkpoint(directory: PathLike, model: nn.Module, card: dict, store_dty
 
     card = dict(card)
     card["config"] = model.cfg.to_dict()
+    card["dataset"] = card_data_ref(card.get("dataset"))  # relative to its data root: data can move
     for key in CARD_KEYS:
         card.setdefault(key, None)
     card["version"] = card["version"] or __version__
@@ -217,16 +288,70 @@ def _keep_described_weights(directory: Path) -> None:
         _fsync_dir(directory)
 
 
-def load_checkpoint(directory: PathLike, map_location: Union[str, torch.device] = "cpu"):
-    """-> (model in eval mode, card). Never unpickles; every problem is a CheckpointError."""
+def _weights_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from the safetensors header, without reading any tensor."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing (a checkpoint needs {WEIGHTS} and {CARD})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _config_model(card: dict, directory: Path, header: dict, device: str):
+    """The card's model built on `device`; "meta" allocates nothing, so a hostile config costs no memory."""
     from .models import ModelConfig, build_model
 
+    try:
+        cfg = ModelConfig.from_dict(card["config"])
+        if cfg.depth > len(header):  # every block has weights; this also bounds the modules built below
+            raise ValueError(f"depth {cfg.depth} needs more tensors than the {len(header)} in {WEIGHTS}")
+        with torch.device(device):
+            return build_model(cfg)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"{directory / CARD}: 'config' does not describe a valid model: {e}") from None
+
+
+def check_weights_header(directory: PathLike, card: dict, weights: Optional[Path] = None) -> None:
+    """Compare the card's config with the weights' header (names, shapes) before anything is allocated."""
+    directory = Path(directory)
+    weights = weights or directory / WEIGHTS
+    header = _weights_header(weights)
+    expected = {k: tuple(v.shape) for k, v in _config_model(card, directory, header, "meta").state_dict().items()}
+    missing = [k for k in expected if k not in header]
+    unexpected = [k for k in header if k not in expected]
+    wrong = [f"{k} {header[k]} != {v}" for k, v in expected.items() if k in header and header[k] != v]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise CheckpointError(f"{weights}: weights do not match the config in {CARD}: " + "; ".join(parts))
+
+
+def inspect_checkpoint(directory: PathLike) -> dict:
+    """The card, after checking it and its config against the weights' header (no tensor is read)."""
+    card = read_card(directory)
+    check_weights_header(directory, card)
+    return card
+
+
+def load_checkpoint(directory: PathLike, map_location: Union[str, torch.device] = "cpu"):
+    """-> (model in eval mode, card). Never unpickles; every problem is a CheckpointError.
+
+    Order: card (bounded, validated) -> weights hash -> config vs the weights'
+    header on the meta device -> only then the real model and the tensors.
+    """
     directory = Path(directory)
     card = read_card(directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: file is missing (a checkpoint needs {WEIGHTS} and {CARD})")
-    want = (card.get("weights") or {}).get("sha256")
+    want = (card.get("weights") or {}).get("sha256") if isinstance(card.get("weights"), dict) else None
     if want and sha256_file(weights) != want:
         prev = directory / PREV_WEIGHTS
         if prev.is_file() and sha256_file(prev) == want:
@@ -236,26 +361,14 @@ def load_checkpoint(directory: PathLike, map_location: Union[str, torch.device] 
             raise CheckpointError(
                 f"{weights}: sha256 does not match {CARD} (the file is corrupt, truncated, or from another save)"
             )
-    try:
-        cfg = ModelConfig.from_dict(card["config"])
-        model = build_model(cfg)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / CARD}: 'config' does not describe a valid model: {e}") from None
+    check_weights_header(directory, card, weights)
+    model = _config_model(card, directory, _weights_header(weights), "cpu")
     state, _ = _load_tensors(weights, "cpu")
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise CheckpointError(f"{weights}: weights do not match the config in {CARD}: " + "; ".join(parts))
-    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    except (RuntimeError, KeyError, TypeError) as e:  # the header check makes this unlikely
+        raise CheckpointError(f"{weights}: weights do not match the config in {CARD}: {e}") from None
     return model.to(map_location).eval(), card
 
 
@@ -332,6 +445,7 @@ def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[
     return info
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "validate_card", "inspect_checkpoint",
+           "check_weights_header", "list_checkpoints",
            "save_train_state", "load_train_state", "read_train_info", "atomic_write_bytes", "atomic_write_json", "sha256_file",
            "CARD_KEYS", "WEIGHTS", "CARD", "TRAIN_STATE"]

@@ -23,7 +23,6 @@ import codecs
 import dataclasses
 import gzip
 import hashlib
-import json
 import math
 import multiprocessing
 import os
@@ -778,10 +777,12 @@ def _read_superclasses(class_root: Path, path: Path, classes: list[str]):
     sc = next((p for p in (class_root / "superclasses.json", path / "superclasses.json") if p.is_file()), None)
     if sc is None:
         return None, None, None
+    from .safejson import read
+
     try:
-        mapping = json.loads(sc.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{sc}: not valid JSON ({e})") from None
+        mapping = read(sc, max_bytes=1 << 20)
+    except (OSError, ValueError) as e:  # malformed, too large or too deeply nested
+        raise DatasetError(str(e) if isinstance(e, ValueError) else f"{sc}: cannot be read ({e})") from None
     if not isinstance(mapping, dict):
         raise DatasetError(f"{sc}: expected an object {{class_name: group}}, got {type(mapping).__name__}")
     missing, unknown = sorted(set(classes) - set(mapping)), sorted(set(mapping) - set(classes))

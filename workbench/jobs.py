@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from . import safejson
 from .paths import REPO_ROOT, inside, runs_dir, safe_run_name
 
 JOB_FILE = "job.json"
@@ -275,9 +276,9 @@ def _check_reference_groups(dataset: str, fields: dict) -> None:
 def read_superclass_file(data: Union[bytes, str]) -> dict:
     """Parse an uploaded super-class map file; ValueError in plain words when it is not one."""
     try:
-        mapping = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"the super-class file is not valid JSON: {e}") from None
+        mapping = safejson.loads(data, "the super-class file", max_bytes=1 << 20)
+    except ValueError as e:  # malformed, too large or too deeply nested
+        raise ValueError(str(e)) from None
     validate_superclass_map(mapping)
     return mapping
 
@@ -433,7 +434,7 @@ def _exit_code(pid: Optional[int]) -> Optional[int]:
 # ----------------------------------------------------------------------------- reading
 def _read_json(path: Path) -> Optional[dict]:
     try:
-        data = json.loads(path.read_text())
+        data = safejson.read(path, max_bytes=1 << 20)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -462,8 +463,8 @@ def _parse_jsonl(data: bytes) -> list[dict]:
         if not line:
             continue
         try:
-            rec = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+            rec = safejson.loads(line, "metrics line", max_bytes=1 << 20)
+        except ValueError:
             continue  # the writer is mid-line, or the line is damaged
         if isinstance(rec, dict):
             records.append(rec)

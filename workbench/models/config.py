@@ -133,6 +133,10 @@ class ModelConfig:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.heads}")
+        if not self.superclass_loss_weight >= 0:
+            raise ValueError(f"superclass_loss_weight (lambda) must be >= 0, got {self.superclass_loss_weight}")
+        if self.superclasses is not None and self.family != "mvmoe":
+            raise ValueError("a super-class map only guides the per-image (mvmoe) router")
         if not self.is_moe:
             return
         if not self.num_experts >= self.top_k >= 1:
@@ -157,8 +161,6 @@ class ModelConfig:
                 f"disabling {sorted(set(self.disabled_experts))} leaves fewer than top_k={self.top_k} experts"
             )
         if self.superclasses is not None:
-            if self.family != "mvmoe":
-                raise ValueError("a super-class map only guides the per-image (mvmoe) router")
             if len(self.superclasses) != self.num_classes:
                 raise ValueError(
                     f"super-class map has {len(self.superclasses)} entries but the model has {self.num_classes} classes"
@@ -199,6 +201,13 @@ def parse_preset(name: str) -> dict:
         "num_experts": int(m.group(7)),
         "top_k": int(m.group(8)),
     }
+
+
+def preset_name(family: str, depth: int, width: int, num_experts: int = 0, top_k: int = 1) -> str:
+    """The preset for a shape (the inverse of `parse_preset`): vit-<L>x<D> or <family>-<L>x<D>-e<E>k<K>."""
+    if family == "vit":
+        return f"vit-{int(depth)}x{int(width)}"
+    return f"{family}-{int(depth)}x{int(width)}-e{int(num_experts)}k{int(top_k)}"
 
 
 def paper_grid_presets() -> list[str]:

@@ -246,6 +246,26 @@ def test_resume_refuses_a_different_model(tmp_path):
         run(out, max_steps=4)
 
 
+def test_a_run_saved_before_train_config_still_resumes(tmp_path):
+    """Resume states written by the preset + overrides version are converted, not refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "old"
+    run(out, model="mvmoe-2x64-e4k1", max_steps=2)
+    path = out / "train_state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["info"])
+    info["spec"] = {"model": "mvmoe-2x64-e4k1", "overrides": {}, "dataset": "synthetic", "holdout": 0.9,
+                    "superclasses": None, "seed": 0, "batch_size": 32}
+    meta["info"] = json.dumps(info)
+    save_file(tensors, str(path), metadata=meta)
+    assert run(out, model="mvmoe-2x64-e4k1", max_steps=4, resume=True)["steps"] == 4
+    with pytest.raises(ValueError, match=r"different \['model'\]"):
+        run(out, model="mvmoe-2x64-e4k2", max_steps=6, resume=True)
+
+
 # ----------------------------------------------------------------------------- failures
 def test_a_diverging_run_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"

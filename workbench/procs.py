@@ -59,7 +59,11 @@ def pid_alive(pid: Optional[int], proc_start: Optional[int] = None) -> bool:
 
 
 def group_alive(pgid: Optional[int], not_before: Optional[int] = None) -> bool:
-    """Does any live (non-zombie) process of process group `pgid` remain, started at or after `not_before`?"""
+    """Does any live (non-zombie) process of process group `pgid` remain, started at or after `not_before`?
+
+    When the leader's pid now belongs to a newer process (pid reuse), only members started
+    before that process count: they cannot be the newcomer's.
+    """
     if not pgid:
         return False
     if not _has_proc():
@@ -68,13 +72,16 @@ def group_alive(pgid: Optional[int], not_before: Optional[int] = None) -> bool:
         except (ProcessLookupError, PermissionError):
             return False
         return True
+    leader_now = start_time(pgid)
+    before = leader_now if leader_now is not None and not_before is not None and leader_now != not_before else None
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         fields = _stat(int(entry.name))
         if not fields or len(fields) < 20 or fields[0] in ("Z", "X") or int(fields[2]) != pgid:
             continue
-        if not_before is None or int(fields[19]) >= not_before:
+        started = int(fields[19])
+        if (not_before is None or started >= not_before) and (before is None or started < before):
             return True
     return False
 

@@ -19,12 +19,18 @@ Nothing non-finite is ever saved: the last good state survives a divergence.
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without waiting for torch
+    from workbench.train_config import build_parser
+
+    build_parser().parse_args(["--help"])
+
 import hashlib
 import json
 import math
 import os
 import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field

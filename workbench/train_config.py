@@ -23,9 +23,10 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from .models.config import ModelConfig, parse_preset, preset_name
+if TYPE_CHECKING:
+    from .models.config import ModelConfig
 
 DEFAULT_MODEL = "vit-6x96"
 DEFAULT_DATASET = "fashion-mnist"
@@ -35,8 +36,16 @@ MAX_THREADS = 1024
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def _default_model() -> ModelConfig:
-    return ModelConfig(**parse_preset(DEFAULT_MODEL))
+def _models():
+    """workbench.models.config, imported when first needed: importing the models package imports
+    torch, which `python -m workbench.train --help` should not wait for."""
+    from .models import config
+
+    return config
+
+
+def _default_model() -> "ModelConfig":
+    return model_from_preset(DEFAULT_MODEL, {})
 
 
 @dataclass
@@ -80,7 +89,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
         """Range-check every run field; ValueError naming the flag and the rule. Returns self."""
-        if not isinstance(self.model, ModelConfig):
+        if not isinstance(self.model, _models().ModelConfig):
             raise ValueError("model must be a ModelConfig")
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             raise ValueError("--dataset: choose a dataset")
@@ -150,12 +159,12 @@ class TrainConfig:
     @property
     def preset(self) -> str:
         m = self.model
-        return preset_name(m.family, m.depth, m.width, m.num_experts, m.top_k)
+        return _models().preset_name(m.family, m.depth, m.width, m.num_experts, m.top_k)
 
     def to_argv(self) -> list[str]:
         """The `python -m workbench.train` flags that rebuild this config (defaults left out)."""
         argv = ["--model", self.preset]
-        base = ModelConfig(**parse_preset(self.preset)).to_dict()
+        base = model_from_preset(self.preset, {}).to_dict()
         for key, value in self.model.to_dict().items():
             if key in DATA_FIELDS or key == "superclasses" or value == base[key]:
                 continue
@@ -183,7 +192,7 @@ def model_config(fields: dict) -> ModelConfig:
     if not isinstance(fields, dict):
         raise ValueError("model must be an object of ModelConfig fields")
     try:
-        return ModelConfig.from_dict(fields)
+        return _models().ModelConfig.from_dict(fields)
     except TypeError as e:
         raise ValueError(f"invalid model options: {e}") from None
 
@@ -244,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Data-parallel: torchrun --nproc_per_node=N -m workbench.train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d = TrainConfig()
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "model"})
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a TrainConfig JSON file (train_config.json of a run folder); combine only with "
                         "--resume and --quiet")
@@ -255,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model option override, VALUE as JSON or a string (repeatable), e.g. router_input=cls")
     m.add_argument("--superclass-loss-weight", "--router-weight", dest="superclass_loss_weight", type=float,
                    default=None, metavar="LAMBDA",
-                   help="lambda in L = L_cls + lambda * L_router (default: ModelConfig's, "
-                        f"{ModelConfig.superclass_loss_weight}); --router-weight is a deprecated alias")
+                   help="lambda in L = L_cls + lambda * L_router (default: ModelConfig.superclass_loss_weight); "
+                        "--router-weight is a deprecated alias")
     m.add_argument("--dataset", default=d.dataset, metavar="NAME",
                    help="fashion-mnist, cifar10, cifar100, imagefolder:PATH or synthetic")
     m.add_argument("--data-root", default=None, metavar="DIR", help="where the dataset files are")
@@ -319,11 +328,12 @@ def parse_overrides(items: Sequence[str]) -> dict:
 
 def model_from_preset(preset: str, overrides: dict) -> ModelConfig:
     """The one place a preset string becomes a ModelConfig (plus `--set` overrides)."""
-    return model_from_fields(parse_preset(preset), overrides, f"preset {preset!r}")
+    return model_from_fields(_models().parse_preset(preset), overrides, f"preset {preset!r}")
 
 
 def model_from_fields(fields: dict, overrides: dict, source: str) -> ModelConfig:
     """A ModelConfig from shape fields (a preset's, or the Train form's widgets) + option overrides."""
+    ModelConfig = _models().ModelConfig
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -18,6 +18,8 @@ from workbench.checkpoint import CheckpointError, load_checkpoint, load_train_st
 from workbench.models import create_model
 from workbench.train import main, param_sha256
 
+from test_jobs import runs  # noqa: F401  (the shared fixture: an empty runs folder, default job limit)
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TINY = ["--model", "vit-2x64", "--dataset", "synthetic", "--holdout", "0.9", "--batch-size", "32",
@@ -36,17 +38,6 @@ def state_sha(run_dir: Path) -> str:
     model = create_model("vit-2x64", num_classes=16)
     load_train_state(run_dir, model)
     return param_sha256(model)
-
-
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    monkeypatch.setenv("WORKBENCH_RUNS", str(root))
-    monkeypatch.delenv("WORKBENCH_MAX_JOBS", raising=False)
-    yield root
-    for row in jobs.list_jobs(root):  # never leave a process behind
-        if row["state"] == "running":
-            jobs.cancel(row["run_dir"], root, timeout=2)
 
 
 # ----------------------------------------------------------------------------- the jobs API writes only under the run

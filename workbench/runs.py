@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -94,18 +93,8 @@ def atomic_write_json(path: PathLike, obj) -> None:
 
 def atomic_copy(src: PathLike, dest: PathLike) -> None:
     """Copy `src` to `dest` atomically (creating dest's folder)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TEMP_SUFFIX, dir=dest.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(dest.parent)
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, Path(src).read_bytes())
 
 
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}" + re.escape(TEMP_SUFFIX) + "$")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from workbench.snapshots import RoutingHistory
+from workbench.snapshots import RoutingHistory, churn
 
 __all__ = ["routing_churn", "load_over_time", "router_accuracy_over_time", "settling_epoch", "matched_agreement"]
 
@@ -33,9 +33,7 @@ def routing_churn(history: RoutingHistory, layer: Optional[int] = None) -> pd.Da
     dropped item (-1) counts as its own route.
     """
     e = _layer(history, layer)
-    flat = e.reshape(len(e), -1)
-    churn = (flat[1:] != flat[:-1]).mean(1) if len(e) > 1 else np.array([])
-    return pd.DataFrame({"epoch": history.epochs[1:], "churn": churn})
+    return pd.DataFrame({"epoch": history.epochs[1:], "churn": [churn(a, b) for a, b in zip(e[:-1], e[1:])]})
 
 
 def load_over_time(history: RoutingHistory, num_experts: int, layer: Optional[int] = None) -> pd.DataFrame:

@@ -333,55 +333,8 @@ def superclass_map(assignment: Sequence[int], class_names: Sequence[str], datase
     }
 
 
-def save_superclass_map(path, mapping: dict) -> None:
-    """Write the map as JSON atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(mapping, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_superclass_map(path, class_names: Sequence[str]) -> list[int]:
-    """Class index -> group from a map file, checked against the dataset's `class_names`.
-
-    Raises ValueError for malformed JSON, classes that differ from `class_names`
-    (naming the missing and extra ones) or groups that are not 0..E-1.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"super-class map {path} is not valid JSON: {err}") from err
-    classes = data.get("classes") if isinstance(data, dict) else None
-    if not isinstance(classes, dict):
-        raise ValueError(f"super-class map {path} must be a JSON object with a 'classes' object "
-                         "mapping class name -> group index")
-    bad = [k for k, v in classes.items() if isinstance(v, bool) or not isinstance(v, int)]
-    if bad:
-        raise ValueError(f"super-class map {path}: group indices must be integers, not for {bad}")
-    names = [str(c) for c in class_names]
-    missing = [c for c in names if c not in classes]
-    extra = [c for c in classes if c not in set(names)]
-    if missing or extra:
-        raise ValueError(f"super-class map {path} does not match the dataset's classes: "
-                         f"missing {missing}, extra {extra}")
-    a = [classes[c] for c in names]
-    e = _check_contiguous(a, f"super-class map {path}")
-    if "num_groups" in data and data["num_groups"] != e:
-        raise ValueError(f"super-class map {path}: num_groups is {data['num_groups']} but the classes use {e} groups")
-    labels = data.get("groups", [None] * e)
-    if not isinstance(labels, list) or len(labels) != e:
-        raise ValueError(f"super-class map {path}: 'groups' must be a list of {e} group labels")
-    return a
+# The map file's schema, loader and writer live with training, its reader (one validator).
+from workbench.superclass_map import load_superclass_map, save_superclass_map  # noqa: E402,F401
 
 
 def order_by_groups(assignment: Sequence[int]) -> list[int]:

@@ -6,12 +6,13 @@ the run folder (status.json, metrics.jsonl, log.txt).
 """
 import time
 
-import plotly.graph_objects as go
 import streamlit as st
 
 from pages import common
-from workbench import jobs, paths
-from workbench.models.config import ModelConfig
+from pages.train_figures import accuracy_figure, load_figure, loss_figure, metrics_frames
+from workbench import jobs, paths, runs
+from workbench.models.config import ModelConfig, preset_name
+from workbench.train_config import PRECISIONS, TrainConfig, model_from_fields, parse_overrides
 
 FAMILIES = {
     "mvmoe": "Per-image MoE (Mobile V-MoE)",
@@ -67,6 +68,14 @@ def superclass_choice(family: str, dataset: str):
     return None, None
 
 
+def shape_fields(family: str, depth: int, width: int, num_experts: int, top_k: int) -> dict:
+    """The architecture the widgets chose (the preset's fields), as ModelConfig fields."""
+    fields = {"family": family, "depth": int(depth), "width": int(width)}
+    if family != "vit":
+        fields.update(num_experts=int(num_experts), top_k=int(top_k))
+    return fields
+
+
 with st.container(border=True):
     st.subheader("New run")
     c1, c2 = st.columns(2)
@@ -93,29 +102,26 @@ with st.container(border=True):
         num_experts = e_col.number_input("Experts E", 1, 64, key="tr_experts", disabled=bool(sc_groups),
                                          help="Fixed to the map's group count when a super-class map is used.")
         top_k = k_col.number_input("k (experts per image/token)", 1, 64, 1 if family == "mvmoe" else 2, key="tr_k")
-    preset = jobs.preset_name(family, depth, width, num_experts, top_k)
+    shape = shape_fields(family, depth, width, num_experts, top_k)
 
     t1, t2, t3, t4 = st.columns(4)
     epochs = t1.number_input("Epochs", 1, jobs.MAX_EPOCHS, 1, key="tr_epochs")
     max_steps = t2.number_input("Max steps (0 = all)", 0, jobs.MAX_STEPS, 0, key="tr_max_steps",
                                 help="Stop after this many optimizer steps, whichever comes first with epochs.")
     batch = t3.number_input("Batch size", 1, jobs.MAX_BATCH, 128, key="tr_batch")
-    precision = t4.selectbox("Precision", list(jobs.PRECISIONS), key="tr_precision",
+    precision = t4.selectbox("Precision", list(PRECISIONS), key="tr_precision",
                              help="auto: bf16 autocast where the CPU/GPU runs it natively, else fp32.")
     with st.expander("Advanced"):
-        a1, a2, a3 = st.columns(3)
-        custom = a1.text_input("Preset name (overrides the shape above)", key="tr_preset",
-                               placeholder=preset, help="e.g. vit-12x192, mvmoe-12x192-e10k1, vmoe-6x96-e8k2")
+        a2, a3 = st.columns(2)
         lr = a2.number_input("Peak learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="tr_lr")
         seed = a3.number_input("Seed", 0, 2**31 - 1, 0, key="tr_seed")
         raw_overrides = st.text_area("Model options (one KEY=VALUE per line)", key="tr_overrides",
                                      placeholder="router_input=cls\ncapacity_ratio=1.25",
-                                     help=f"Any ModelConfig field: {', '.join(ModelConfig.__dataclass_fields__)}")
+                                     help=f"Any ModelConfig field except the shape above: "
+                                          f"{', '.join(ModelConfig.__dataclass_fields__)}")
         name = st.text_input("Run name (optional)", key="tr_name", max_chars=64,
                              help="Letters, digits, '-', '_' and '.'; other characters become '-'.")
-    if custom.strip():
-        preset = custom.strip()
-    st.caption(f"Preset: `{preset}` · runs are saved under `{paths.runs_dir()}` · "
+    st.caption(f"Model: `{preset_name(**shape)}` · runs are saved under `{paths.runs_dir()}` · "
                f"at most {jobs.max_jobs()} run(s) at a time")
 
     start = st.button("Start training", type="primary", key="tr_start")
@@ -126,15 +132,15 @@ if start:
             raise ValueError("upload a super-class map file, or choose another router target")
         if sc_map == "invalid":
             raise ValueError("the uploaded super-class map is not valid (see the message above)")
-        from workbench.train import parse_overrides
-
         overrides = parse_overrides([line.strip() for line in raw_overrides.splitlines() if line.strip()])
-        options = jobs.TrainOptions(
-            model=preset, dataset=dataset, epochs=int(epochs), max_steps=int(max_steps) or None,
-            batch_size=int(batch), precision=precision, lr=float(lr), seed=int(seed),
-            superclasses=sc_map, overrides=overrides, name=name.strip() or None)
+        cfg = TrainConfig(
+            model=model_from_fields(shape, overrides, "the shape chosen above"), dataset=dataset,
+            superclasses="reference" if sc_map == "reference" else None, epochs=int(epochs),
+            max_steps=int(max_steps) or None, batch_size=int(batch), precision=precision, lr=float(lr),
+            seed=int(seed))
         with st.spinner("Starting…"):
-            run_dir = jobs.start_training(options)
+            run_dir = jobs.start_training(cfg, name=name.strip() or None,
+                                          superclasses=sc_map if isinstance(sc_map, dict) else None)
     except ValueError as e:  # JobError and every validation error are ValueErrors with a plain message
         st.error(f"Not started: {e}")
     else:
@@ -161,45 +167,6 @@ if jobs.pipeline_available():
 
 
 # ----------------------------------------------------------------------------- jobs and live curves
-def loss_figure(train) -> go.Figure:
-    fig = go.Figure()
-    for col, label in [("loss", "total loss"), ("ce", "cross-entropy")] + [
-            (c, c.removeprefix("aux_") + " (aux)") for c in train.columns if c.startswith("aux_")]:
-        if col in train:
-            fig.add_scatter(x=train["step"], y=train[col], mode="lines+markers", name=label,
-                            yaxis="y2" if col.startswith("aux_") else "y")
-    fig.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", height=320,
-                      yaxis2=dict(title="auxiliary loss", overlaying="y", side="right", showgrid=False),
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
-    return fig
-
-
-def accuracy_figure(train, evals) -> go.Figure:
-    fig = go.Figure()
-    if "train_accuracy" in train:
-        fig.add_scatter(x=train["step"], y=100 * train["train_accuracy"], mode="lines+markers", name="train (batch)")
-    if "test_accuracy" in evals:
-        fig.add_scatter(x=evals["step"], y=100 * evals["test_accuracy"], mode="lines+markers", name="test",
-                        marker=dict(size=10), text=[f"epoch {e}" for e in evals["epoch"]])
-    fig.update_layout(title="Accuracy", xaxis_title="step", yaxis_title="accuracy (%)", height=320,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
-    return fig
-
-
-def load_figure(load) -> go.Figure:
-    last = load[load["epoch"] == load["epoch"].max()]
-    fig = go.Figure()
-    for layer, part in last.groupby("layer"):
-        fig.add_bar(x=[f"expert {e}" for e in part["expert"]], y=100 * part["share"], name=f"block {layer}")
-    n = last["expert"].nunique()
-    fig.add_hline(y=100 / max(1, n), line_dash="dash", annotation_text="uniform 1/E")
-    kind = last["kind"].iloc[0] if len(last) else "image"
-    fig.update_layout(title=f"Expert load at epoch {last['epoch'].max()} ({kind}s per expert, test split)",
-                      yaxis_title=f"% of {kind} assignments", barmode="group", height=320,
-                      margin=dict(l=10, r=10, t=40, b=10))
-    return fig
-
-
 def jobs_table(rows):
     import pandas as pd
 
@@ -233,7 +200,7 @@ def show_job(row: dict) -> None:
     elif state == "failed":
         st.error(f"**{row['name']}** failed: {row['error'] or 'no error message was recorded'}")
         with st.expander("Last lines of the log"):
-            st.code(jobs.log_tail(row["run_dir"], 30) or "(empty log)", language=None)
+            st.code(runs.log_tail(row["run_dir"], 30) or "(empty log)", language=None)
     elif state == "cancelled":
         st.warning(f"**{row['name']}** was cancelled after {row['elapsed']}."
                    + (" Its last complete checkpoint is still in the picker." if row["checkpoint"] else ""))
@@ -246,7 +213,7 @@ def show_job(row: dict) -> None:
             st.session_state[common.CKPT_KEY] = common.ckpt_ref(row["checkpoint"])
             st.rerun(scope="app")
 
-    frames = jobs.metrics_frames(jobs.read_metrics(row["run_dir"]))
+    frames = metrics_frames(runs.read_metrics(row["run_dir"]))
     train, evals, load = frames["train"], frames["eval"], frames["load"]
     if train.empty and evals.empty:
         if state == "running":

@@ -10,8 +10,8 @@ import torch
 
 from analysis.history import (load_over_time, matched_agreement, router_accuracy_over_time, routing_churn,
                               settling_epoch)
-from workbench.snapshots import (SnapshotError, RoutingHistory, load_history, probe_indices, routing_snapshot,
-                                 save_snapshot)
+from workbench.snapshots import (RoutingHistory, SnapshotError, epoch_summary, load_epoch, load_history,
+                                 probe_indices, routing_snapshot, save_snapshot)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,16 @@ def test_snapshots_round_trip_in_epoch_order(tmp_path):
     assert h.epochs == [1, 2, 10] and h.layers == [4, 5]
     np.testing.assert_array_equal(h.experts[4], [[0, 1], [1, 1], [1, -1]])
     np.testing.assert_array_equal(h.probe, probe)
+
+
+def test_the_epoch_summary_has_churn_and_router_accuracy_for_a_guided_per_image_router(tmp_path):
+    labels = np.array([0, 1, 2, 3])
+    now = {4: np.array([0, 0, 1, 0])}
+    assert epoch_summary(now, labels, superclasses=[0, 0, 1, 1]) == {"block": 4, "router_accuracy": 0.75}
+    save_snapshot(tmp_path, 1, np.arange(4), labels, {4: np.array([0, 1, 1, 0])})
+    s = epoch_summary(now, labels, previous=load_epoch(tmp_path, 1))
+    assert s == {"block": 4, "churn": 0.25}
+    assert load_epoch(tmp_path, 2) is None and load_epoch(tmp_path, 0) is None
 
 
 def test_a_folder_without_snapshots_has_no_history(tmp_path):

@@ -13,10 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from workbench import jobs
+from pages.train_figures import metrics_frames
+from workbench import jobs, runs as run_folder
 from workbench.checkpoint import load_checkpoint
+from workbench.train_config import TrainConfig, model_from_preset
 
 PY = sys.executable
+
+
+def train_config(model: str = "vit-2x64", overrides: dict = None, **options) -> TrainConfig:
+    """What the Train form builds: a TrainConfig (synthetic data, one epoch by default)."""
+    return TrainConfig(model=model_from_preset(model, overrides or {}), **{"dataset": "synthetic", "epochs": 1,
+                                                                          **options})
+
+
+def start(model: str = "vit-2x64", overrides: dict = None, name=None, superclasses=None, root=None, **options):
+    return jobs.start_training(train_config(model, overrides, **options), name=name, superclasses=superclasses,
+                               root=root)
 
 
 @pytest.fixture
@@ -78,27 +91,42 @@ def test_run_paths_outside_the_runs_folder_are_refused(runs, tmp_path):
 @pytest.mark.parametrize("options, message", [
     (dict(model="vit-2x64x"), "unknown preset"),
     (dict(model="mvmoe-2x64-e2k3"), "num_experts >= top_k"),
-    (dict(epochs=0), "epochs must be between"),
-    (dict(epochs=2.5), "epochs must be a whole number"),
-    (dict(batch_size=0), "batch size must be between"),
-    (dict(batch_size=10**6), "batch size must be between"),
-    (dict(max_steps=-1), "max steps must be between"),
+    (dict(epochs=0), "--epochs must be >= 1"),
+    (dict(epochs=2.5), "--epochs must be a whole number"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(batch_size=10**6), "batch size 4096 from the app"),
+    (dict(max_steps=-1), "--max-steps must be >= 1"),
     (dict(dataset="mnist"), "unknown dataset 'mnist'"),
     (dict(dataset="imagefolder:/no/such/folder"), "does not exist"),
-    (dict(precision="fp8"), "precision must be one of"),
+    (dict(precision="fp8"), "--precision must be one of"),
     (dict(overrides={"experts": 4}), "unknown model option"),
     (dict(overrides={"depth": 3}), "contradict preset"),
-    (dict(model="vit-2x64", superclasses={"classes": {"a": 0, "b": 1}}), "only guides the per-image router"),
-    (dict(model="mvmoe-2x64-e3k1", superclasses={"classes": {"a": 0, "b": 1}}), "2 groups but the preset has E=3"),
-    (dict(model="mvmoe-2x64-e2k1", superclasses={"classes": {"a": 0, "b": 2}}), "groups must be 0..2"),
+    (dict(model="vit-2x64", superclasses="two groups"), "only guides the per-image"),
+    (dict(model="mvmoe-2x64-e3k1", superclasses={"classes": {"a": 0, "b": 1}}), "does not match the dataset's classes"),
+    (dict(model="mvmoe-2x64-e2k1", superclasses={"classes": {"a": 0, "b": 2}}), "must be 0..E-1"),
     (dict(model="mvmoe-2x64-e2k1", superclasses={"dataset": "cifar10", "classes": {"a": 0, "b": 1}}),
      "made for 'cifar10'"),
     (dict(name="///"), "no usable characters"),
+    (dict(out="/tmp/elsewhere"), "chooses the run folder"),
 ])
 def test_bad_options_are_refused_before_anything_starts(runs, options, message):
+    if options.get("superclasses") == "two groups":  # a valid map for the synthetic classes
+        from workbench.data import load_dataset
+
+        classes = load_dataset("synthetic", "test").classes
+        options["superclasses"] = {"dataset": "synthetic", "classes": {c: i % 2 for i, c in enumerate(classes)}}
     with pytest.raises(ValueError, match=message):
-        jobs.start_training(jobs.TrainOptions(**{"model": "vit-2x64", **options}))
+        start(**options)
     assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+
+
+def test_the_map_must_have_one_group_per_expert(runs):
+    from workbench.data import load_dataset
+
+    classes = load_dataset("synthetic", "test").classes
+    two_groups = {"dataset": "synthetic", "classes": {c: i % 2 for i, c in enumerate(classes)}}
+    with pytest.raises(ValueError, match=r"must use groups 0..2 \(one per expert\), got \[0, 1\]"):
+        start("mvmoe-2x64-e3k1", superclasses=two_groups)
 
 
 def test_an_uploaded_map_that_is_not_json_is_a_plain_error():
@@ -108,21 +136,6 @@ def test_an_uploaded_map_that_is_not_json_is_a_plain_error():
     assert good["num_groups"] == 2
 
 
-def test_options_become_train_flags(tmp_path):
-    opts = jobs.TrainOptions(model="mvmoe-2x64-e2k1", dataset="synthetic", epochs=2, max_steps=7, batch_size=16,
-                             precision="fp32", seed=3, overrides={"router_input": "cls", "moe_layers": [1]})
-    cmd = opts.command(tmp_path, tmp_path / "sc.json")
-    assert cmd[:3] == [PY, "-m", "workbench.train"]
-    flags = dict(zip(cmd[3::2], cmd[4::2]))
-    assert flags["--model"] == "mvmoe-2x64-e2k1" and flags["--max-steps"] == "7" and flags["--out"] == str(tmp_path)
-    assert flags["--superclasses"] == str(tmp_path / "sc.json")
-    assert [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"] == ["router_input=cls", "moe_layers=[1]"]
-    from workbench.train import parse_args, parse_overrides  # train.py accepts exactly these flags
-
-    args = parse_args(cmd[3:])
-    assert parse_overrides(args.overrides) == {"router_input": "cls", "moe_layers": [1]}
-
-
 # ----------------------------------------------------------------------------- concurrency
 def test_one_job_at_a_time_by_default(runs, monkeypatch):
     first = jobs.start_command(sleeper(), "first", root=runs)
@@ -130,7 +143,7 @@ def test_one_job_at_a_time_by_default(runs, monkeypatch):
     with pytest.raises(jobs.JobError, match="already running.*first.*limit is 1"):
         jobs.start_command(sleeper(), "second", root=runs)
     with pytest.raises(jobs.JobError, match="limit is 1"):
-        jobs.start_training(jobs.TrainOptions(model="vit-2x64"), root=runs)
+        start(root=runs)
     monkeypatch.setenv("WORKBENCH_MAX_JOBS", "2")
     second = jobs.start_command(sleeper(), "second", root=runs)
     assert [r["state"] for r in jobs.list_jobs(runs)] == ["running", "running"]
@@ -174,7 +187,7 @@ def test_a_job_whose_process_dies_is_reported_failed_with_its_error(runs):
     assert "process exited unexpectedly (exit code 3)" in error
     assert "RuntimeError: the GPU fell off the bus" in error
     # another app process (no Popen handle, e.g. after a server restart) reaches the same verdict
-    jobs._CHILDREN.clear()
+    jobs.procs.CHILDREN.clear()
     assert jobs.job_state(run) == (state, error)
 
 
@@ -220,12 +233,12 @@ def test_a_partially_written_metrics_line_is_ignored(tmp_path):
              {"type": "eval", "epoch": 1, "step": 2, "test_accuracy": 0.5,
               "expert_load": [{"layer": 1, "kind": "image", "fraction": [0.75, 0.25], "dropped": 0.0}]}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "train", "st')
-    assert jobs.read_metrics(tmp_path) == lines
-    assert jobs.last_metrics(tmp_path)["eval"]["test_accuracy"] == 0.5
-    frames = jobs.metrics_frames(jobs.read_metrics(tmp_path))
+    assert run_folder.read_metrics(tmp_path) == lines
+    assert run_folder.last_metrics(tmp_path)["eval"]["test_accuracy"] == 0.5
+    frames = metrics_frames(run_folder.read_metrics(tmp_path))
     assert frames["train"]["aux_superclass"].tolist() == [0.4]
     assert frames["load"]["share"].tolist() == [0.75, 0.25]
-    assert jobs.read_metrics(tmp_path / "missing") == []
+    assert run_folder.read_metrics(tmp_path / "missing") == []
 
 
 def test_no_runs_folder_means_no_jobs(tmp_path):
@@ -235,43 +248,42 @@ def test_no_runs_folder_means_no_jobs(tmp_path):
 # ----------------------------------------------------------------------------- real training
 @pytest.mark.slow
 def test_a_tiny_real_training_job_finishes_with_a_loadable_checkpoint(runs):
-    opts = jobs.TrainOptions(model="mvmoe-2x64-e2k1", dataset="synthetic", epochs=1, max_steps=2, batch_size=16,
-                             precision="fp32", log_every=1, overrides={"moe_layers": [1]}, name="tiny run")
-    run = jobs.start_training(opts, root=runs)
+    run = start("mvmoe-2x64-e2k1", {"moe_layers": [1]}, name="tiny run", max_steps=2, batch_size=16,
+                precision="fp32", log_every=1, root=runs)
     assert run.name == "tiny-run"
     state = jobs.wait(run, 120, runs)
     assert state == "finished", jobs.job_state(run)[1] + "\n" + jobs.log_tail(run)
     row = jobs.list_jobs(runs)[0]
     assert row["step"] == 2 and 0.0 <= row["test_accuracy"] <= 1.0 and row["checkpoint"] == str(run)
-    records = jobs.read_metrics(run)
+    records = run_folder.read_metrics(run)
     assert [r["type"] for r in records][-2:] == ["eval", "done"]
-    assert not jobs.metrics_frames(records)["load"].empty  # per-expert load for the curves
+    assert not metrics_frames(records)["load"].empty  # per-expert load for the curves
     model, card = load_checkpoint(run)
     assert card["preset"] == "mvmoe-2x64-e2k1" and card["config"]["moe_layers"] == [1]
 
 
 def test_a_map_for_other_classes_or_a_missing_dataset_is_refused_up_front(runs):
     wrong = {"dataset": "synthetic", "classes": {"not-a-class": 0, "neither": 1}, "num_groups": 2}
-    with pytest.raises(ValueError, match=r"does not fit synthetic's classes: missing \[.*unknown \['neither'"):
-        jobs.start_training(jobs.TrainOptions(model="mvmoe-2x64-e2k1", superclasses=wrong), root=runs)
+    with pytest.raises(ValueError, match=r"does not match the dataset's classes: missing \[.*extra \['not-a-class', 'neither'"):
+        start("mvmoe-2x64-e2k1", superclasses=wrong, root=runs)
     from workbench.data import load_dataset
 
     try:
         load_dataset("cifar100", "test")
     except ValueError as e:  # not installed here: the form says so, with the loader's how-to
         with pytest.raises(ValueError) as refused:
-            jobs.start_training(jobs.TrainOptions(model="vit-2x64", dataset="cifar100"), root=runs)
+            start(dataset="cifar100", root=runs)
         assert str(refused.value) == str(e)
     assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
 
 
 @pytest.mark.slow
 def test_a_training_error_reaches_the_jobs_table_in_plain_words(runs, tmp_path):
-    # an image folder without class sub-folders passes the form's checks; training refuses it
+    # an image folder without class sub-folders: training refuses it with a message, not a traceback
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "stray.txt").write_text("not an image")
-    run = jobs.start_training(jobs.TrainOptions(model="vit-2x64", dataset=f"imagefolder:{tmp_path / 'photos'}",
-                                                max_steps=1), root=runs)
+    run = jobs.start_command([PY, "-m", "workbench.train", "--dataset", f"imagefolder:{tmp_path / 'photos'}",
+                              "--model", "vit-2x64", "--max-steps", "1", "--out", "{run_dir}"], "bad-data", root=runs)
     assert jobs.wait(run, 60, runs) == "failed"
     error = jobs.list_jobs(runs)[0]["error"]
     assert str(tmp_path / "photos") in error and "Traceback" not in error, error
@@ -376,8 +388,29 @@ def test_the_super_class_map_from_the_super_classes_page_sets_E_and_goes_to_the_
     run = next(p for p in runs.iterdir() if p.is_dir())
     assert json.loads((run / "superclasses.json").read_text()) == mapping
     command = json.loads((run / "job.json").read_text())["command"]
-    assert command[command.index("--model") + 1] == f"mvmoe-2x64-e{mapping['num_groups']}k1"
-    assert command[command.index("--superclasses") + 1] == str(run / "superclasses.json")
+    assert command[-2:] == ["--config", str(run / "train_config.json")]
+    cfg = TrainConfig.load(run / "train_config.json")
+    assert (cfg.model.family, cfg.model.depth, cfg.model.num_experts) == ("mvmoe", 2, mapping["num_groups"])
+    assert cfg.superclasses == str(run / "superclasses.json") and cfg.out == str(run)
+    jobs.cancel(run, runs)
+
+
+def test_the_k_widget_is_the_k_the_run_trains_with(runs, no_samples):
+    at = train_page(runs)
+    assert not [t for t in at.text_input if t.key == "tr_preset"]   # no free-text preset to override the widgets
+    at.selectbox(key="tr_family").set_value("mvmoe").run()
+    at.number_input(key="tr_depth").set_value(2).run()
+    at.number_input(key="tr_experts").set_value(4).run()
+    at.number_input(key="tr_k").set_value(3).run()
+    at.text_area(key="tr_overrides").input("top_k=1").run()    # the shape is set by the widgets only
+    at.button(key="tr_start").click().run()
+    assert any("contradict the shape chosen above" in e.value for e in at.error)
+    at.text_area(key="tr_overrides").input("").run()
+    at.button(key="tr_start").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = next(p for p in runs.iterdir() if p.is_dir())
+    cfg = TrainConfig.load(run / "train_config.json")
+    assert (cfg.model.family, cfg.model.num_experts, cfg.model.top_k) == ("mvmoe", 4, 3)
     jobs.cancel(run, runs)
 
 

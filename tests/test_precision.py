@@ -6,8 +6,8 @@ so `auto` must never pick bf16 there. The CPU probes are mocked: these tests hol
 import pytest
 import torch
 
-from workbench import train as train_mod
-from workbench.train import cpu_has_native_bf16, resolve_precision
+from workbench import device
+from workbench.device import cpu_has_native_bf16, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -74,4 +74,4 @@ def test_the_probes_exist_in_this_torch():
     """Guards the mocks above: if torch renamed its probes, `auto` would silently become fp32 everywhere."""
     assert callable(getattr(torch.cpu, "_is_avx512_bf16_supported", None))
     assert callable(getattr(torch.cpu, "_is_amx_tile_supported", None))
-    assert train_mod.ONEDNN_BF16_ISAS
+    assert device.ONEDNN_BF16_ISAS

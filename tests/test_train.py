@@ -18,15 +18,20 @@ from workbench.checkpoint import CARD_KEYS, load_checkpoint, load_train_state, r
 from workbench.data import load_dataset
 from workbench.models import create_model
 from workbench.train import evaluate, lr_at, main, param_groups, param_sha256, resolve_precision, train
+from workbench.train_config import TrainConfig, from_args, model_from_preset, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 # 10% of the synthetic training split (--holdout 0.9): short epochs, so runs cross epoch boundaries quickly
-TINY = {"model": "vit-2x64", "dataset": "synthetic", "holdout": 0.9, "batch_size": 32, "precision": "fp32",
-        "quiet": True, "lr": 3e-3, "threads": 1}
+TINY = {"dataset": "synthetic", "holdout": 0.9, "batch_size": 32, "precision": "fp32", "quiet": True, "lr": 3e-3,
+        "threads": 1}
+
+
+def config(out: Path, model: str = "vit-2x64", **options) -> TrainConfig:
+    return TrainConfig(model=model_from_preset(model, {}), **{**TINY, "out": str(out), **options})
 
 
 def run(out: Path, **options) -> dict:
-    return train({**TINY, "out": str(out), **options})
+    return train(config(out, **options))
 
 
 def records(run_dir: Path, kind: str = None) -> list:
@@ -50,6 +55,21 @@ def synthetic():
 
 
 # ----------------------------------------------------------------------------- the pieces
+def test_train_takes_a_train_config_only(tmp_path):
+    with pytest.raises(TypeError, match="takes a TrainConfig"):
+        train({"model": "vit-2x64", "out": str(tmp_path)})
+
+
+def test_cli_flags_config_and_command_are_one_mapping():
+    argv = ["--model", "mvmoe-2x64-e4k1", "--dataset", "synthetic", "--set", "router_input=cls",
+            "--router-weight", "0.5", "--epochs", "2", "--save-every-steps", "3", "--quiet"]
+    cfg = from_args(parse_args(argv))
+    assert cfg.model.top_k == 1 and cfg.model.num_experts == 4 and cfg.model.superclass_loss_weight == 0.5
+    assert from_args(parse_args(cfg.to_argv())) == cfg                      # the card's command rebuilds it
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg   # and so does its JSON file
+    assert "--superclass-loss-weight 0.5" in cfg.command() and "--router-weight" not in cfg.command()
+
+
 def test_help_is_fast_and_names_the_spec_options():
     t = time.time()
     out = cli("--help", timeout=30)
@@ -141,6 +161,24 @@ def test_metrics_and_status_files_follow_the_run(tiny_moe_run):
     assert st["last_eval"]["test_accuracy"] == evals[-1]["test_accuracy"]
 
 
+def test_each_epoch_leaves_a_routing_snapshot_and_tensorboard_events(tiny_moe_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from workbench.snapshots import load_history
+
+    out, _ = tiny_moe_run
+    history = load_history(out)
+    assert history.epochs == [1, 2] and history.layers == [0, 1]
+    assert sum(p.stat().st_size for p in (out / "routing").iterdir()) < 8 * 1024     # a few KB per epoch
+    routing = records(out, "routing")
+    assert [r["epoch"] for r in routing] == [1, 2] and "churn" in routing[1] and "churn" not in routing[0]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/aux/importance", "eval/test_accuracy", "load/block0/expert0", "routing/churn"} <= set(tags)
+    assert [e.step for e in acc.Scalars("eval/test_accuracy")] == [r["step"] for r in records(out, "eval")]
+
+
 # ----------------------------------------------------------------------------- resume
 RESUME = {"epochs": 2, "save_every_steps": 1, "log_every": 1}
 
@@ -179,7 +217,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupt
         m.setattr(train_mod, "lr_at", stop)
         with pytest.raises(KeyboardInterrupt):
             run(out, **RESUME)
-    assert status(out)["state"] == "stopped"
+    assert status(out)["state"] == "cancelled"
     run(out, resume=True, **RESUME)
     _assert_same_weights(out, uninterrupted)
     # the resumed run saw the same batches: the same loss at every step, logged once
@@ -224,6 +262,26 @@ def test_resume_refuses_a_different_model(tmp_path):
         run(out, max_steps=4, model="vit-2x96", resume=True)
     with pytest.raises(ValueError, match="already holds a run; add --resume"):
         run(out, max_steps=4)
+
+
+def test_a_run_saved_before_train_config_still_resumes(tmp_path):
+    """Resume states written by the preset + overrides version are converted, not refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "old"
+    run(out, model="mvmoe-2x64-e4k1", max_steps=2)
+    path = out / "train_state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["info"])
+    info["spec"] = {"model": "mvmoe-2x64-e4k1", "overrides": {}, "dataset": "synthetic", "holdout": 0.9,
+                    "superclasses": None, "seed": 0, "batch_size": 32}
+    meta["info"] = json.dumps(info)
+    save_file(tensors, str(path), metadata=meta)
+    assert run(out, model="mvmoe-2x64-e4k1", max_steps=4, resume=True)["steps"] == 4
+    with pytest.raises(ValueError, match=r"different \['model'\]"):
+        run(out, model="mvmoe-2x64-e4k2", max_steps=6, resume=True)
 
 
 # ----------------------------------------------------------------------------- failures
@@ -272,7 +330,7 @@ def test_superclass_count_must_equal_the_expert_count(tmp_path, synthetic, capsy
     m = _write_map(tmp_path / "map.json", {c: i % groups for i, c in enumerate(synthetic.classes)}, groups)
     assert main(["--dataset", "synthetic", "--model", "mvmoe-2x64-e4k1", "--superclasses", str(m),
                  "--out", str(tmp_path / "r"), "--quiet"]) == 2
-    assert "2 groups but mvmoe-2x64-e4k1 has 4 experts" in capsys.readouterr().err
+    assert "super-class map must use groups 0..3 (one per expert), got [0, 1]" in capsys.readouterr().err
 
 
 def test_a_superclass_guided_router_logs_its_loss(tmp_path, synthetic):
@@ -305,3 +363,19 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(tmp_path):
     assert param_sha256(model) == ranks[0]["param_sha256"]
     assert card["training"]["world_size"] == 2 and card["command"].startswith("torchrun --nproc_per_node=2")
     assert status(out)["state"] == "finished"
+
+
+# ----------------------------------------------------------------------------- layering
+def test_the_library_never_imports_analysis():
+    """workbench/ is the library; only the pipeline (the one orchestrator) may import analysis/."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "workbench").rglob("*.py")):
+        if path.name == "pipeline.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):   # function-local imports too
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "analysis"]
+    assert offenders == []

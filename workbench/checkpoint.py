@@ -51,40 +51,7 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- atomic files
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+from .runs import atomic_write_bytes, atomic_write_json, fsync_dir as _fsync_dir  # noqa: E402  (one helper)
 
 
 def sha256_file(path: PathLike) -> str:
@@ -390,8 +357,19 @@ def save_train_state(directory: PathLike, model: nn.Module, optimizer: torch.opt
             else:
                 scalars[f"{idx}.{key}"] = value
     meta = {"format": "workbench-train-state/1", "info": json.dumps(info),
-            "param_groups": json.dumps(opt["param_groups"]), "optim_scalars": json.dumps(scalars)}
+            "param_groups": json.dumps(opt["param_groups"]), "optim_scalars": json.dumps(scalars),
+            "sha256": _tensors_sha256(tensors)}  # like the card's weights hash: damage is caught on load
     atomic_write_bytes(Path(directory) / TRAIN_STATE, _tensor_bytes(tensors, meta))
+
+
+def _tensors_sha256(tensors: dict) -> str:
+    """sha256 over names and raw bytes of `tensors`, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").reshape(-1).contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_train_info(directory: PathLike) -> dict:
@@ -415,6 +393,9 @@ def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[
     tensors, meta = _load_tensors(path)
     if meta.get("format") != "workbench-train-state/1":
         raise CheckpointError(f"{path}: not a workbench training state (format {meta.get('format')!r})")
+    if "sha256" in meta and _tensors_sha256(tensors) != meta["sha256"]:  # (states saved before it have none)
+        raise CheckpointError(f"{path}: sha256 of the tensors does not match the one saved with them (the file is "
+                              "damaged); resume from an intact copy or start the run again")
     try:
         info = json.loads(meta["info"])
         groups = json.loads(meta["param_groups"])

@@ -22,11 +22,14 @@ import argparse
 import csv
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .checkpoint import read_card
+from . import snapshots
+from .runs import atomic_copy, atomic_write_bytes, atomic_write_json
 
 DEFAULT_DENSE = {"synthetic": "vit-4x64"}
 DEFAULT_EPOCHS = {"synthetic": 12}
@@ -56,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-groups", "-E", type=int, default=None,
                    help="super-classes = experts (default ceil(sqrt(classes)) in 2..10)")
     p.add_argument("--top-k", type=int, default=1, help="experts per image")
-    p.add_argument("--method", default="spectral", help="graph clustering method (see analysis.superclasses.METHODS)")
-    p.add_argument("--router-weight", type=float, default=0.3, help="lambda in L = L_cls + lambda * L_router")
+    p.add_argument("--method", default="auto",
+                   help="super-class discovery: 'auto' (router-aware: every clustering scored by a linear probe on "
+                        "the dense model's features at the router's input, analysis/superclass_choice.py) or one "
+                        "method of analysis.superclasses.METHODS, e.g. 'spectral' (the paper's single clustering)")
+    p.add_argument("--superclass-loss-weight", "--router-weight", dest="superclass_loss_weight", type=float,
+                   default=None, metavar="LAMBDA", help="lambda in L = L_cls + lambda * L_router (default: "
+                   "ModelConfig's); --router-weight is a deprecated alias")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of the training split held out for the confusion matrix")
     p.add_argument("--epochs", type=int, default=None, help="epochs for each model (default 10; 12 on synthetic)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -81,43 +89,49 @@ def _say(args, msg: str) -> None:
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
-def _train_stage(args, run_dir: Path, preset: str, extra: Sequence[str] = ()) -> dict:
-    """Train one model into run_dir, resuming an unfinished run; skip a finished one."""
-    from .checkpoint import read_card
-    from .train import train
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a ValueError for the jobs API instead of SystemExit
+        raise ValueError(f"pipeline arguments: {message}")
 
-    status = run_dir / "status.json"
-    if status.exists() and json.loads(status.read_text()).get("state") == "finished":
+
+def check_job_args(extra: Sequence[str]) -> None:
+    """Flags the jobs API passes through: any pipeline flag except those that write elsewhere."""
+    sentinel = "\0run-folder"
+    parser = build_parser()
+    parser.__class__ = _Parser
+    args = parser.parse_args(["--out", sentinel, *extra])
+    moved = [flag for flag, value in (("--out", args.out != sentinel), ("--results", args.results is not None),
+                                      ("--export", args.export is not None)) if value]
+    if moved:
+        raise ValueError(f"{moved} would write outside the run's folder; a job writes only there")
+
+
+def _train_stage(args, run_dir: Path, preset: str, superclasses: Optional[Path] = None) -> dict:
+    """Train one model into run_dir, resuming an unfinished run; skip a finished one."""
+    from .checkpoint import TRAIN_STATE
+    from .runs import STATUS_FILE, read_json
+    from .train import train
+    from .train_config import TrainConfig, model_from_preset
+
+    if (read_json(run_dir / STATUS_FILE) or {}).get("state") == "finished":
         _say(args, f"{run_dir.name}: finished earlier, skipped")
         return read_card(run_dir)
-    argv = ["--model", preset, "--dataset", args.dataset, "--out", str(run_dir), "--epochs", str(args.epochs),
-            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--holdout", str(args.holdout),
-            "--precision", args.precision, "--seed", str(args.seed), *extra]
-    if args.data_root:
-        argv += ["--data-root", args.data_root]
-    if args.quiet:
-        argv.append("--quiet")
-    if (run_dir / "train_state.safetensors").exists():
-        argv.append("--resume")
-        _say(args, f"{run_dir.name}: resuming {preset}")
-    else:
-        _say(args, f"{run_dir.name}: training {preset} for {args.epochs} epochs")
-    return train(argv)["card"]
-
-
-def _write_json(path: Path, obj) -> None:
-    from .checkpoint import atomic_write_json
-
-    atomic_write_json(path, obj)
+    overrides = {} if superclasses is None or args.superclass_loss_weight is None else \
+        {"superclass_loss_weight": args.superclass_loss_weight}
+    resume = (run_dir / TRAIN_STATE).exists()
+    cfg = TrainConfig(model=model_from_preset(preset, overrides), dataset=args.dataset, data_root=args.data_root,
+                      superclasses=str(superclasses) if superclasses else None, holdout=args.holdout,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      precision=args.precision, out=str(run_dir), resume=resume, quiet=args.quiet)
+    _say(args, f"{run_dir.name}: {'resuming' if resume else 'training'} {preset} for {args.epochs} epochs")
+    return train(cfg)["card"]
 
 
 def _patch_card(run_dir: Path, **fields) -> None:
     """Add pipeline artefacts (held-out confusion, discovered super-classes) to a checkpoint card."""
-    from .checkpoint import read_card
-
     card = read_card(run_dir)
     card.update(fields)
-    _write_json(run_dir / "card.json", card)
+    atomic_write_json(run_dir / "card.json", card)
 
 
 def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -> dict:
@@ -151,14 +165,7 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
 
 def run(args: argparse.Namespace) -> dict:
     """Run (or resume) every stage into args.out; returns the report dict."""
-    import numpy as np
-
-    from analysis.confusion import confusion_matrix, normalize_rows, predict
-    from analysis.superclasses import (cluster_superclasses, clustering_quality, compare_methods,
-                                       group_names, load_superclass_map, save_superclass_map, superclass_map)
-
-    from .checkpoint import load_checkpoint, read_card
-    from .data import heldout_split, load_dataset
+    from .data import load_dataset
 
     t0 = time.time()
     out = Path(args.out)
@@ -174,103 +181,140 @@ def run(args: argparse.Namespace) -> dict:
     args.epochs = args.epochs or DEFAULT_EPOCHS.get(args.dataset, 10)
     _say(args, f"{args.dataset}: {len(classes)} classes, dense {dense}, MoE {moe}, {args.method} clustering -> {out}")
 
-    # 1. dense baseline on train minus held-out
-    _train_stage(args, out / "dense", dense)
+    _train_stage(args, out / "dense", dense)                            # 1. dense baseline
+    confusion = heldout_confusion(args, out, train_set)                 # 2. held-out confusion
+    _say(args, f"held-out accuracy of the dense baseline: {100 * confusion['accuracy']:.2f}%")
+    assignment, names, clustering = discover_superclasses(args, out, train_set, confusion, E)   # 3.
+    runs = _models_to_train(args, dense, moe)
+    sc_card = {"assignment": assignment, "names": names, "method": clustering["method"]}
+    for name, (preset, guided) in runs.items():                         # 4. MoE (+ extras)
+        _train_stage(args, out / name, preset, out / "superclasses.json" if guided else None)
+        _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
+                                           "holdout": args.holdout},
+                    **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
+    evaluation = {name: evaluate_checkpoint(out / name, test_set, assignment) for name in runs}   # 5.
+    atomic_write_json(out / "evaluation.json", evaluation)
+    return write_report(args, out, runs, evaluation, confusion, clustering, classes, E,   # 6.
+                        {"assignment": assignment, "names": names}, t0)
 
-    # 2. held-out confusion
-    confusion_path = out / "confusion.json"
-    if not confusion_path.exists():
+
+def heldout_confusion(args, out: Path, train_set) -> dict:
+    """confusion.json: the dense baseline's confusion matrix on the held-out part of the training split."""
+    import numpy as np
+
+    from analysis.confusion import confusion_matrix, predict
+
+    from .checkpoint import load_checkpoint
+    from .data import heldout_split
+
+    path = out / "confusion.json"
+    if not path.exists():
         model, _ = load_checkpoint(out / "dense")
         # NOTE: the same split as workbench.train --holdout (split seed 0, whatever --seed is),
         # so the confusion is measured on images the baseline never trained on.
         _, held = heldout_split(len(train_set), args.holdout)
         held_set = train_set.subset(held)
         preds, _ = predict(model, held_set.images, held_set.mean, held_set.std)
-        cm = confusion_matrix(held_set.labels.numpy(), preds.numpy(), len(classes))
-        _write_json(confusion_path, {"split": "heldout", "holdout": args.holdout, "split_seed": 0,
-                                     "classes": classes, "matrix": cm.tolist(),
-                                     "accuracy": float(np.trace(cm) / cm.sum())})
-    confusion = json.loads(confusion_path.read_text())
-    cm = np.asarray(confusion["matrix"])
-    _say(args, f"held-out accuracy of the dense baseline: {100 * confusion['accuracy']:.2f}%")
+        cm = confusion_matrix(held_set.labels.numpy(), preds.numpy(), len(train_set.classes))
+        atomic_write_json(path, {"split": "heldout", "holdout": args.holdout, "split_seed": 0,
+                                 "classes": list(train_set.classes), "matrix": cm.tolist(),
+                                 "accuracy": float(np.trace(cm) / cm.sum())})
+    return json.loads(path.read_text())
 
-    # 3. super-classes
-    map_path = out / "superclasses.json"
-    reference = train_set.reference_groups
+
+def discover_superclasses(args, out: Path, train_set, confusion: dict, E: int):
+    """superclasses.json + clustering.json: exactly E groups from the confusion graph; -> (assignment, names, clustering)."""
+    import numpy as np
+
+    from analysis.superclass_choice import choose_superclasses
+    from analysis.superclasses import clustering_quality, compare_methods, group_names, superclass_map
+
+    from .superclass_map import load_superclass_map, save_superclass_map
+
+    cm, classes = np.asarray(confusion["matrix"]), list(train_set.classes)
+    map_path, reference = out / "superclasses.json", train_set.reference_groups
     if not map_path.exists():
-        assignment = cluster_superclasses(cm, E, method=args.method, seed=args.seed)
+        choice = choose_superclasses(cm, E, **router_probe(args, out, train_set, E), method=args.method,
+                                     reference=reference, class_names=classes, seed=args.seed)
+        assignment = choice.assignment
         table = compare_methods(cm, E, reference=reference, seed=args.seed)
         chosen = clustering_quality(cm, assignment, reference=reference)
-        _write_json(out / "clustering.json", {
-            "method": args.method, "num_groups": E, "quality": _jsonable(chosen),
+        atomic_write_json(out / "clustering.json", {
+            "method": choice.method, "num_groups": E, "quality": _jsonable(chosen),
             "reference_source": train_set.reference_source,
             "methods": _jsonable(table.drop(columns=["assignment"], errors="ignore").to_dict(orient="records")),
+            "choice": _jsonable(choice.to_json()),
         })
-        save_superclass_map(map_path, superclass_map(assignment, classes, args.dataset, args.method))
+        save_superclass_map(map_path, superclass_map(assignment, classes, args.dataset, choice.method))
     assignment = load_superclass_map(map_path, classes)
     names = group_names(np.asarray(assignment), classes)
-    clustering = json.loads((out / "clustering.json").read_text())
-    quality = clustering["quality"]
-    sc_card = {"assignment": assignment, "names": names, "method": args.method}
     for g, name in enumerate(names):
         _say(args, f"super-class {g}: {name}")
+    return assignment, names, json.loads((out / "clustering.json").read_text())
 
-    # 4. MoE with the super-class router loss (+ optional extra models, same recipe)
-    moe_argv = ["--superclasses", str(map_path), "--set", f"superclass_loss_weight={args.router_weight}"]
-    runs = {"dense": (dense, []), "moe": (moe, moe_argv)}
+
+def router_probe(args, out: Path, train_set, E: int) -> dict:
+    """features/labels for the router-aware choice: the dense model's summary at the MoE router's input
+    position on the held-out images (what the router will read); {} when a named method is asked for."""
+    from analysis.superclass_choice import AUTO, router_input_features
+
+    from .checkpoint import load_checkpoint
+    from .data import heldout_split
+
+    if args.method != AUTO:
+        return {}
+    model, card = load_checkpoint(out / "dense")
+    _, held = heldout_split(len(train_set), args.holdout)                 # the confusion's images
+    held_set = train_set.subset(held)
+    moe = moe_preset(card["preset"], E, args.top_k)
+    return {"features": router_input_features(model, held_set, moe), "labels": held_set.labels.numpy()}
+
+
+def _models_to_train(args, dense: str, moe: str) -> dict:
+    """name -> (preset, guided by the super-classes?): dense, moe and the --extra models."""
+    runs = {"dense": (dense, False), "moe": (moe, True)}
     for spec in args.extra:
         preset, _, mode = spec.partition(":")
         if mode not in ("", "e2e"):
             raise ValueError(f"--extra {spec!r}: the only mode is ':e2e'")
-        name = preset + ("-e2e" if mode else "")
-        if preset.startswith("mvmoe") and not mode:
-            runs[name] = (preset, moe_argv)
-        else:
-            runs[name] = (preset, [])
-    for name, (preset, extra) in runs.items():
-        _train_stage(args, out / name, preset, extra)
-        _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
-                                           "holdout": args.holdout},
-                    **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
+        runs[preset + ("-e2e" if mode else "")] = (preset, preset.startswith("mvmoe") and not mode)
+    return runs
 
-    # 5. evaluation on the test split
-    evaluation = {}
-    for name in runs:
-        evaluation[name] = evaluate_checkpoint(out / name, test_set, assignment)
-    _write_json(out / "evaluation.json", evaluation)
 
-    # 6. results rows and report
+def _result_row(args, out: Path, name: str, preset: str, ev: dict, quality: dict, method: str) -> dict:
+    card = read_card(out / name)
+    cfg = card["config"]
+    return {
+        "dataset": args.dataset, "model": name, "preset": preset, "family": cfg["family"],
+        "E": cfg["num_experts"] or "", "k": cfg["top_k"] if cfg["num_experts"] else "",
+        "router": ("superclass" if cfg.get("superclasses") else "end-to-end") if cfg["family"] == "mvmoe"
+        else ("per-token" if cfg["family"] == "vmoe" else ""),
+        "test_accuracy": round(ev["test_accuracy"], 5), "macs_active": int(ev["macs_active"]),
+        "params_active": ev["params_active"], "params_total": ev["params_total"],
+        "router_superclass_accuracy": _round(ev["router_superclass_accuracy"]),
+        "oracle_routing_accuracy": _round(ev.get("oracle_routing_accuracy")),
+        "train_wall_time_s": card.get("wall_time_s"), "epochs": args.epochs,
+        "clustering": method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
+        "run_dir": str(out / name),
+    }
+
+
+def write_report(args, out: Path, runs: dict, evaluation: dict, confusion: dict, clustering: dict,
+                 classes: list, E: int, superclasses: dict, t0: float) -> dict:
+    """results.csv rows, report.json and report.md."""
+    quality = clustering["quality"]
+    rows = [_result_row(args, out, name, preset, evaluation[name], quality, clustering["method"])
+            for name, (preset, _) in runs.items()]
+    _append_rows(Path(args.results) if args.results else out / "results.csv", rows)
     wall = round(time.time() - t0, 1)
-    rows = []
-    for name, (preset, _) in runs.items():
-        card = read_card(out / name)
-        cfg = card["config"]
-        rows.append({
-            "dataset": args.dataset, "model": name, "preset": preset, "family": cfg["family"],
-            "E": cfg["num_experts"] or "", "k": cfg["top_k"] if cfg["num_experts"] else "",
-            "router": ("superclass" if cfg.get("superclasses") else "end-to-end") if cfg["family"] == "mvmoe"
-            else ("per-token" if cfg["family"] == "vmoe" else ""),
-            "test_accuracy": round(evaluation[name]["test_accuracy"], 5),
-            "macs_active": int(evaluation[name]["macs_active"]),
-            "params_active": evaluation[name]["params_active"], "params_total": evaluation[name]["params_total"],
-            "router_superclass_accuracy": _round(evaluation[name]["router_superclass_accuracy"]),
-            "oracle_routing_accuracy": _round(evaluation[name].get("oracle_routing_accuracy")),
-            "train_wall_time_s": card.get("wall_time_s"), "epochs": args.epochs,
-            "clustering": args.method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
-            "run_dir": str(out / name),
-        })
-    results = Path(args.results) if args.results else out / "results.csv"
-    _append_rows(results, rows)
     report = {
-        "dataset": args.dataset, "classes": classes, "num_groups": E, "method": args.method,
-        "superclasses": {"assignment": assignment, "names": names},
-        "heldout_accuracy_dense": confusion["accuracy"], "clustering": clustering,
-        "ari": quality.get("ari"), "nmi": quality.get("nmi"),
-        "rows": rows, "pipeline_wall_time_s": wall,
+        "dataset": args.dataset, "classes": classes, "num_groups": E, "method": clustering["method"],
+        "superclasses": superclasses, "heldout_accuracy_dense": confusion["accuracy"], "clustering": clustering,
+        "ari": quality.get("ari"), "nmi": quality.get("nmi"), "rows": rows, "pipeline_wall_time_s": wall,
         "command": getattr(args, "command", None),
     }
-    _write_json(out / "report.json", report)
-    (out / "report.md").write_text(_markdown(report))
+    atomic_write_json(out / "report.json", report)
+    atomic_write_bytes(out / "report.md", _markdown(report).encode("utf-8"))
     _say(args, f"done in {wall:.0f} s: " + ", ".join(f"{r['model']} {100 * r['test_accuracy']:.2f}%" for r in rows))
     return report
 
@@ -325,6 +369,15 @@ def _markdown(r: dict) -> str:
     for g, name in enumerate(r["superclasses"]["names"]):
         members = [c for c, a in zip(r["classes"], r["superclasses"]["assignment"]) if a == g]
         lines.append(f"| {g} | {', '.join(members)} |")
+    choice = r["clustering"].get("choice")
+    if choice:
+        score = choice["settings"]["score"]
+        lines += ["", f"Why this grouping ({choice['criterion']}): {choice['reason']}", "",
+                  f"| candidate | {score.replace('_', ' ')} | min group share | within share | chosen |",
+                  "|---|---:|---:|---:|:---:|"]
+        for c in choice["candidates"]:
+            lines.append(f"| {c['candidate']} | {_pct(c.get(score))} | {_pct(c.get('min_share'))} | "
+                         f"{_pct(c.get('within_share'))} | {'✓' if c.get('chosen') else ''} |")
     lines += ["", "| model | preset | test accuracy | MACs/img | active / total params | router acc. vs super-class "
               "| accuracy with a perfect router |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
@@ -364,22 +417,16 @@ def export(run_dir: Path, dest: Path, report: dict) -> list:
     for r in report["rows"]:
         target = dest / f"{short}-{r['preset'] if r['model'] in ('dense', 'moe') else r['model']}"
         for name in ("model.safetensors", "card.json"):
-            _copy_atomic(Path(r["run_dir"]) / name, target / name)
+            atomic_copy(Path(r["run_dir"]) / name, target / name)
+        for snap in sorted((Path(r["run_dir"]) / snapshots.FOLDER).glob("epoch-*.npz")):  # routing over training
+            atomic_copy(snap, target / snapshots.FOLDER / snap.name)
         written.append(target)
     dense = next(r["preset"] for r in report["rows"] if r["model"] == "dense")
     reports = dest / f"pipeline-{dataset}-{dense.split('-', 1)[1]}"
     for name in REPORT_FILES:
         if (run_dir / name).exists():
-            _copy_atomic(run_dir / name, reports / name)
+            atomic_copy(run_dir / name, reports / name)
     return written
-
-
-def _copy_atomic(src: Path, dest: Path) -> None:
-    """Copy to a temporary name beside `dest`, then rename: readers never see half a file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest)
 
 
 def grid_table(reports: dict) -> str:
@@ -419,14 +466,14 @@ def run_grid(args: argparse.Namespace) -> None:
                                     "export": None})
         reports[size] = run(sub)
     table = grid_table(reports)
-    (base / "grid.md").write_text(table)
+    atomic_write_bytes(base / "grid.md", table.encode("utf-8"))
     print(table)
     if args.export:
         dest = Path(args.export)
         for size, report in reports.items():
             export(base / size, dest, report)
-        _copy_atomic(results, dest / "grid-results.csv")
-        _copy_atomic(base / "grid.md", dest / "grid.md")
+        atomic_copy(results, dest / "grid-results.csv")
+        atomic_copy(base / "grid.md", dest / "grid.md")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from workbench.checkpoint import atomic_write_bytes
+from workbench.runs import atomic_write_bytes
 
 PathLike = Union[str, Path]
 FOLDER = "routing"
@@ -31,7 +31,7 @@ MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024   # refuse to read anything bigger: these 
 _NAME = re.compile(r"epoch-(\d{4,6})\.npz")
 
 __all__ = ["FOLDER", "PROBE_SIZE", "RoutingHistory", "probe_indices", "routing_snapshot", "save_snapshot",
-           "load_history", "SnapshotError"]
+           "load_epoch", "load_history", "churn", "epoch_summary", "SnapshotError"]
 
 
 class SnapshotError(ValueError):
@@ -100,6 +100,41 @@ def _read(path: Path) -> dict:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
         raise SnapshotError(f"{path}: not a readable routing snapshot ({e})") from e
+
+
+def load_epoch(run_dir: PathLike, epoch: int) -> dict[int, np.ndarray] | None:
+    """{block: top-1 experts} of one epoch's snapshot, or None when there is none (or it is unreadable)."""
+    path = Path(run_dir) / FOLDER / f"epoch-{int(epoch):04d}.npz"
+    if epoch < 1 or not path.is_file():
+        return None
+    try:
+        snap = _read(path)
+    except SnapshotError:
+        return None
+    return {int(k[6:]): v for k, v in snap.items() if k.startswith("layer_")}
+
+
+def churn(before: np.ndarray, after: np.ndarray) -> float:
+    """Share of probe items (images or tokens) whose expert changed; a drop (-1) counts as a route."""
+    before, after = np.asarray(before).ravel(), np.asarray(after).ravel()
+    return float((before != after).mean()) if len(before) else float("nan")
+
+
+def epoch_summary(layers: dict, labels: np.ndarray, superclasses=None, previous: dict | None = None) -> dict:
+    """The per-epoch scalars training logs: churn since the last epoch, router accuracy vs super-classes.
+
+    First MoE block only (a per-image router is shared; a per-token model's
+    first block is the representative one); router accuracy only for per-image
+    routing with a super-class map (expert g is trained on super-class g).
+    """
+    first = min(layers)
+    out = {"block": int(first)}
+    if previous is not None and first in previous and previous[first].shape == layers[first].shape:
+        out["churn"] = round(churn(previous[first], layers[first]), 5)
+    if superclasses is not None and layers[first].ndim == 1:
+        target = np.asarray(superclasses)[np.asarray(labels)]
+        out["router_accuracy"] = round(float((layers[first] == target).mean()), 5)
+    return out
 
 
 def load_history(run_dir: PathLike) -> RoutingHistory | None:

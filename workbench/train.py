@@ -1,205 +1,65 @@
-"""Train one model from a preset: `python -m workbench.train --model vit-6x96 --dataset fashion-mnist --out runs/a`.
+"""Train one model: `python -m workbench.train --model vit-6x96 --dataset fashion-mnist --out runs/a`.
 
-One plain loop, top to bottom (nanoGPT style): data -> model -> AdamW with
-linear warmup + cosine decay -> steps (CE with label smoothing + the model's
-auxiliary losses: V-MoE balancing losses, the Mobile V-MoE super-class loss)
--> each epoch: evaluate on the test split, write a checkpoint and the resume
+One plain loop, top to bottom (nanoGPT style): set up processes -> data ->
+model and AdamW (linear warmup + cosine decay) -> resume -> steps (CE with label
+smoothing + the model's auxiliary losses: V-MoE balancing losses, the Mobile
+V-MoE super-class loss) -> at each epoch's end: evaluate, checkpoint, resume
 state. `torchrun --nproc_per_node=N -m workbench.train ...` runs the same loop
-data-parallel (DDP; gloo on CPU, nccl on GPU); `--batch-size` is the global
-batch, split across processes.
+data-parallel (DDP; gloo on CPU, nccl on GPU); the batch size is global.
 
-The run directory (`--out`) is itself a checkpoint (`model.safetensors` +
-`card.json`, see checkpoint.py) plus:
-- `train_state.safetensors`  model, AdamW moments, step and options for `--resume`
-- `metrics.jsonl`            one JSON object per line, flushed as it happens:
-                             {"type": "train" | "eval" | "done" | "error", ...}
-- `status.json`              state (running/finished/failed/stopped), pid, progress,
-                             last metrics, error; rewritten atomically for the app
+Everything a run is comes in one `TrainConfig` (workbench/train_config.py); the
+run folder is a checkpoint (workbench/checkpoint.py) plus the files of
+workbench/runs.py (metrics.jsonl, status.json), written through `RunLog`.
 
-Resume is exact: every random choice is a pure function of (seed, step):
-the epoch's shuffle is seeded by (seed, epoch), the augmentation and router
-noise of a step by (seed, step, rank). A resumed run skips the batches its
-epoch already did and continues with the same numbers an uninterrupted run
-would have seen, so no RNG state needs saving.
+Resume is exact: every random choice is a pure function of (seed, step): the
+epoch's shuffle is seeded by (seed, epoch), the augmentation and router noise
+of a step by (seed, step, rank). A resumed run skips the batches its epoch
+already did and sees the numbers an uninterrupted run would have seen.
+Nothing non-finite is ever saved: the last good state survives a divergence.
 """
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without waiting for torch
+    from workbench.train_config import build_parser
+
+    build_parser().parse_args(["--help"])
+
+import hashlib
 import json
 import math
 import os
-import shlex
 import signal
-import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
-DEFAULT_MODEL = "vit-6x96"
-DEFAULT_DATASET = "fashion-mnist"
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import __version__, snapshots, superclass_map
+from .checkpoint import TRAIN_STATE, load_train_state, read_card, read_train_info, save_checkpoint, save_train_state
+from .data import heldout_split, load_dataset, normalize
+from .device import autocast, cpu_has_native_bf16, resolve_device, resolve_precision  # noqa: F401 (public)
+from .evaluate import eval_record, evaluate, to_batch  # noqa: F401 (evaluate is public here)
+from .flops import count_macs
+from .models import build_model
+from .progress import Progress, fmt_time
+from .runs import RunLog, atomic_write_json, clean_temp_files, now_iso, truncate_metrics
+from .train_config import TrainConfig, fit_to_dataset, from_args, parse_args, parse_overrides  # noqa: F401
+
+_RESUME_MUST_MATCH = ("model", "dataset", "holdout", "seed", "batch_size")
 
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user should read (non-finite loss, bad resume)."""
 
 
-# ----------------------------------------------------------------------------- options
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m workbench.train",
-        description="Train a dense ViT, V-MoE or Mobile V-MoE from a preset. "
-                    "Data-parallel: torchrun --nproc_per_node=N -m workbench.train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    m = p.add_argument_group("model and data")
-    m.add_argument("--model", default=DEFAULT_MODEL, metavar="PRESET",
-                   help="vit-<L>x<D>, mvmoe-<L>x<D>-e<E>k<K> (per image) or vmoe-<L>x<D>-e<E>k<K> (per token)")
-    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="model option override, VALUE as JSON or a string (repeatable), e.g. router_input=cls")
-    m.add_argument("--dataset", default=DEFAULT_DATASET, metavar="NAME",
-                   help="fashion-mnist, cifar10, cifar100, imagefolder:PATH or synthetic")
-    m.add_argument("--data-root", default=None, metavar="DIR", help="where the dataset files are")
-    m.add_argument("--superclasses", default=None, metavar="FILE",
-                   help="super-class map JSON for the Mobile V-MoE router loss (E must equal its group "
-                        "count), or 'reference' for the dataset's own hierarchy")
-    m.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
-                   help="train on the training split minus this held-out fraction (workbench.data.heldout_split)")
-
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=None,
-                   help="passes over the training set (default 10, or as many as --max-steps needs)")
-    o.add_argument("--max-steps", type=int, default=None,
-                   help="optimizer steps in all (with --epochs: whichever ends first)")
-    o.add_argument("--batch-size", type=int, default=128, help="global batch size (split across DDP processes)")
-    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    o.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    o.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, "
-                                                                    "position embedding, class token)")
-    o.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length in epochs")
-    o.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warmup length in steps (default: 5%% of all steps)")
-    o.add_argument("--label-smoothing", type=float, default=0.1)
-    o.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    o.add_argument("--seed", type=int, default=0)
-
-    r = p.add_argument_group("run")
-    r.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<model>-<dataset>-<time>)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
-    r.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per process (default: all cores / processes)")
-    r.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS", help="evaluate every N epochs")
-    r.add_argument("--eval-batch-size", type=int, default=256)
-    r.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="metrics.jsonl train record interval")
-    r.add_argument("--save-every-steps", type=int, default=0, metavar="STEPS",
-                   help="also save the resume state every N steps (0: only at epoch ends)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def parse_overrides(items: Sequence[str]) -> dict:
-    """['router_input=cls', 'moe_layers=[4,5]'] -> {'router_input': 'cls', 'moe_layers': [4, 5]}."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
-def _command(argv: Optional[Sequence[str]], args: argparse.Namespace) -> str:
-    """The command line of this run: the real argv, or one rebuilt from the options."""
-    if argv is None:
-        parser, argv = build_parser(), []
-        for action in parser._actions:
-            if not action.option_strings or action.dest == "help":
-                continue
-            value, flag = getattr(args, action.dest, action.default), action.option_strings[-1]
-            if value == action.default:
-                continue
-            if isinstance(action, argparse._StoreTrueAction):
-                argv.append(flag)
-            elif isinstance(value, list):
-                for v in value:
-                    argv += [flag, str(v)]
-            else:
-                argv += [flag, str(value)]
-    prefix = "torchrun --nproc_per_node={} -m workbench.train".format(os.environ["WORLD_SIZE"]) \
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python -m workbench.train"
-    return " ".join([prefix, shlex.join([str(a) for a in argv])]).strip()
-
-
-# ----------------------------------------------------------------------------- pieces of the loop
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 dot products.
-ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10", "AMX", "ALL")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run natively (oneDNN), so autocast pays off.
-
-    NOTE: the probes read CPUID, so a oneDNN capped below bf16 (ONEDNN_MAX_CPU_ISA=AVX2, e.g.
-    to reproduce an AVX2-only machine) is checked apart: bf16 is emulated there, many times slower.
-    """
-    import torch
-
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-    if cap and not cap.startswith(ONEDNN_BF16_ISAS):
-        return False
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:
-            pass
-    return False
-
-
-def resolve_precision(precision: str, device) -> Optional["torch.dtype"]:
-    """-> the autocast dtype (torch.bfloat16) or None for plain fp32."""
-    import torch
-
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def autocast(device, amp_dtype):
-    import contextlib
-
-    import torch
-
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
+# ----------------------------------------------------------------------------- small pieces
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
     """Linear warmup to `lr`, then cosine decay to `min_lr`, per optimizer step."""
     if step < warmup_steps:
@@ -228,193 +88,11 @@ def _seed(*parts: int) -> int:
 
 
 def epoch_order(n: int, seed: int, epoch: int):
-    import torch
-
     return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch, 0x5EED)))
-
-
-def load_superclasses(spec: str, dataset) -> dict:
-    """--superclasses FILE|reference -> {"assignment", "names", "method", "file"} (the card's form)."""
-    if spec == "reference":
-        if dataset.reference_groups is None:
-            raise ValueError(f"dataset {dataset.name!r} has no reference hierarchy; pass a super-class map file")
-        a = [int(g) for g in dataset.reference_groups]
-        names = list(dataset.reference_group_names or [f"group {g}" for g in range(max(a) + 1)])
-        return {"assignment": a, "names": names, "method": f"reference:{dataset.reference_source}", "file": None}
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"--superclasses {spec}: no such file")
-    from analysis.superclasses import load_superclass_map
-
-    a = load_superclass_map(path, dataset.classes)  # checks classes and groups, with clear messages
-    data = json.loads(path.read_text())
-    if data.get("dataset") not in (None, dataset.name):
-        print(f"note: super-class map {path} was made for {data['dataset']!r}, used with {dataset.name!r}",
-              file=sys.stderr)
-    names = data.get("groups") or [f"group {g}" for g in range(max(a) + 1)]
-    return {"assignment": a, "names": [str(n) for n in names], "method": str(data.get("method", "file")),
-            "file": str(path)}
-
-
-def _batch(dataset, idx, device, generator=None):
-    """uint8 images at `idx` -> normalised (and, with a generator, augmented) float batch."""
-    from .data import augment, normalize
-
-    x = normalize(dataset.images[idx], dataset.mean, dataset.std)
-    if generator is not None:
-        x = augment(x, dataset.hflip, generator)
-    return x.to(device, non_blocking=True), dataset.labels[idx].to(device, non_blocking=True)
-
-
-def eval_stats(model, dataset, batch_size: int = 256, device=None, amp_dtype=None, shard=(0, 1)) -> dict:
-    """Accuracy, loss and expert load on `dataset` (or the `shard=(rank, world)` slice of it).
-
-    Returns sums so that DDP ranks can add them: correct, total, loss_sum, and
-    `load`: (MoE layers, E + 2) counts [kept assignments per expert..., dropped, all].
-    """
-    import torch
-    import torch.nn.functional as F
-
-    device = device or next(model.parameters()).device
-    cfg = model.cfg
-    layers = cfg.moe_block_indices()
-    load = torch.zeros(len(layers), cfg.num_experts + 2, dtype=torch.float64)
-    correct = total = 0
-    loss_sum = 0.0
-    rank, world = shard
-    idx_all = torch.arange(rank, len(dataset), world)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(idx_all), batch_size):
-            x, y = _batch(dataset, idx_all[i:i + batch_size], device)
-            with autocast(device, amp_dtype):
-                out = model(x, return_routing=True)
-            logits = out.logits.float()
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            total += len(y)
-            for row, rec in enumerate(out.routing):
-                kept = rec.experts[rec.kept].reshape(-1).cpu()
-                load[row, :cfg.num_experts] += torch.bincount(kept, minlength=cfg.num_experts).double()
-                load[row, -2] += rec.kept.numel() - kept.numel()
-                load[row, -1] += rec.kept.numel()
-    model.train(was_training)
-    return {"correct": correct, "total": total, "loss_sum": loss_sum, "load": load, "layers": layers,
-            "kinds": ["token" if cfg.family == "vmoe" else "image"] * len(layers)}
-
-
-def expert_load_summary(stats: dict) -> list:
-    """Per MoE layer: share of kept (image or token) assignments per expert, and the dropped share."""
-    out = []
-    for row, layer in enumerate(stats["layers"]):
-        counts = stats["load"][row]
-        kept = counts[:-2]
-        out.append({
-            "layer": int(layer), "kind": stats["kinds"][row],
-            "fraction": [round(float(c / max(1.0, float(kept.sum()))), 4) for c in kept],
-            "dropped": round(float(counts[-2] / max(1.0, float(counts[-1]))), 4),
-        })
-    return out
-
-
-def evaluate(model, dataset, batch_size: int = 256, device=None, precision: str = "fp32") -> float:
-    """Top-1 accuracy (a fraction) of `model` on `dataset`."""
-    device = device or next(model.parameters()).device
-    s = eval_stats(model, dataset, batch_size, device, resolve_precision(precision, device))
-    return s["correct"] / max(1, s["total"])
-
-
-class Progress:
-    """A one-line progress bar on stderr (a plain line per update when stderr is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.enabled = total, enabled
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.last_draw = 0.0
-
-    def update(self, step: int, text: str, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.time()
-        if self.tty:
-            if not force and now - self.last_draw < 0.1:
-                return
-            frac = step / max(1, self.total)
-            bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-            self.stream.write(f"\r[{bar}] {step}/{self.total} {text}\033[K")
-        elif force:
-            self.stream.write(f"step {step}/{self.total} {text}\n")
-        self.stream.flush()
-        self.last_draw = now
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
-            self.stream.flush()
-
-
-def _fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-class RunLog:
-    """metrics.jsonl (append, flush per record) and status.json (atomic rewrite) of a run directory."""
-
-    def __init__(self, run_dir: Path, enabled: bool, base_status: dict):
-        self.run_dir, self.enabled = run_dir, enabled
-        self.status = dict(base_status)
-        self.f = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None
-
-    def write(self, record: dict) -> None:
-        if self.f:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-
-    def set_status(self, **fields) -> None:
-        if not self.enabled:
-            return
-        from .checkpoint import atomic_write_json
-
-        self.status.update(fields, updated=_now())
-        atomic_write_json(self.run_dir / "status.json", self.status)
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-            self.f = None
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records from after the saved step (they will be logged again)."""
-    if not path.exists():
-        return
-    from .checkpoint import atomic_write_bytes
-
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-        if rec.get("type") in ("done", "error") or rec.get("step", 0) > step:
-            continue
-        keep.append(line)
-    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 def param_sha256(model) -> str:
     """Hash of all parameters and buffers: equal across DDP ranks when they are in sync."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
@@ -422,377 +100,477 @@ def param_sha256(model) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- the loop
-_RESUME_MUST_MATCH = ("model", "overrides", "dataset", "holdout", "superclasses", "seed", "batch_size")
+def healthy(model, optimizer, probe, amp_dtype=None) -> bool:
+    """Are weights and AdamW moments finite, and do they give finite logits on a probe batch?
 
-
-def train(args: Union[argparse.Namespace, Sequence[str], dict, None] = None, argv: Optional[Sequence[str]] = None) -> dict:
-    """Run training; returns a summary dict (run_dir, test_accuracy, steps, history, card).
-
-    `args` is a parsed Namespace, a list of command-line arguments, or a dict of
-    option names (`{"model": "vit-2x64", "epochs": 1, "out": "runs/x"}`).
-    Raises TrainingError on a non-finite loss (the last good checkpoint stays),
-    ValueError for bad options.
+    Weights blown up to 1e30 are finite yet useless (the next step's loss is inf), so a
+    finite-weights check alone would let a diverged state overwrite the last good one.
     """
-    if args is None or isinstance(args, (list, tuple)):
-        argv = list(args or [])
-        args = parse_args(argv)
-    elif isinstance(args, dict):
-        ns = parse_args([])
-        unknown = sorted(set(args) - set(vars(ns)))
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}")
-        vars(ns).update(args)
-        args = ns
-    command = _command(argv, args)
+    tensors = list(model.parameters())
+    tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return False
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), autocast(probe.device, amp_dtype):
+        ok = bool(torch.isfinite(model(probe).float()).all())
+    model.train(was_training)
+    return ok
 
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
 
-    from . import __version__
-    from .checkpoint import (TRAIN_STATE, load_train_state, read_card, read_train_info, save_checkpoint,
-                             save_train_state)
-    from .data import heldout_split, load_dataset
-    from .flops import count_macs
-    from .models import create_model
+# ----------------------------------------------------------------------------- the run's parts
+@dataclass
+class Processes:
+    """Where this process runs: DDP rank and world size, device, autocast dtype."""
+    world: int
+    rank: int
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
 
-    # ---- processes and devices
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device)
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Plan:
+    """The data and the schedule: splits, batch size, steps, warmup, the fitted model config."""
+    train_set: object
+    test_set: object
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    warmup: int
+    model_cfg: object
+    superclasses: Optional[dict]  # the card's form, or None
+
+
+@dataclass
+class State:
+    """What a resume restores (saved in train_state's info)."""
+    step: int = 0
+    history: list = field(default_factory=list)
+    epoch_sums: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    wall_before: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything the loop's steps share."""
+    cfg: TrainConfig
+    procs: Processes
+    plan: Plan
+    model: torch.nn.Module          # what forward runs (DDP-wrapped or not)
+    raw: torch.nn.Module            # the model itself
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    spec: dict
+    state: State
+    command: str
+    macs: dict
+    log: Optional[RunLog] = None
+    progress: Optional[Progress] = None
+    t_start: float = field(default_factory=time.time)
+    start_step: int = 0
+    window: dict = field(default_factory=dict)   # sums since the last train record
+
+    def wall(self) -> float:
+        return self.state.wall_before + time.time() - self.t_start
+
+
+# ----------------------------------------------------------------------------- the steps
+def setup_processes(cfg: TrainConfig) -> Processes:
+    """DDP from torchrun's environment, the device, CPU threads and the autocast dtype."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    ddp = world > 1
-    if ddp and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(args.threads or max(1, cores // local_world))
-    amp_dtype = resolve_precision(args.precision, device)
+    torch.set_num_threads(cfg.threads or max(1, cores // local_world))
+    return Processes(world, rank, device, resolve_precision(cfg.precision, device))
 
-    # ---- validate options
-    for name in ("epochs", "max_steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.holdout < 1.0:
-        raise ValueError(f"--holdout must be a fraction in [0, 1), got {args.holdout}")
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    overrides = parse_overrides(args.overrides)
 
-    # ---- data
-    train_set = load_dataset(args.dataset, "train", root=args.data_root)
-    test_set = load_dataset(args.dataset, "test", root=args.data_root)
-    if args.holdout > 0:
-        train_idx, _ = heldout_split(len(train_set), args.holdout)
-        train_set = train_set.subset(train_idx)
-    C, H, W = train_set.image_shape
-    if H != W:
-        raise ValueError(f"square images only, {args.dataset} has {H}x{W}")
-    batch_size = args.batch_size
+def build_data(cfg: TrainConfig, procs: Processes) -> Plan:
+    """The splits (minus the held-out part), the schedule, and the model config fitted to the data."""
+    train_set = load_dataset(cfg.dataset, "train", root=cfg.data_root)
+    test_set = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    superclasses = superclass_map.for_training(cfg.superclasses, train_set)
+    model_cfg = fit_to_dataset(cfg.model, train_set, superclasses["assignment"] if superclasses else None)
+    if cfg.holdout > 0:
+        train_set = train_set.subset(heldout_split(len(train_set), cfg.holdout)[0])
+    batch_size, world = cfg.batch_size, procs.world
     if len(train_set) < batch_size:
         batch_size = len(train_set) // world * world
         if batch_size < world:
-            raise ValueError(f"{args.dataset}: {len(train_set)} training images are too few for {world} processes")
+            raise ValueError(f"{cfg.dataset}: {len(train_set)} training images are too few for {world} processes")
         print(f"note: --batch-size lowered to {batch_size}, the size of the training set", file=sys.stderr)
     steps_per_epoch = len(train_set) // batch_size   # drop the last partial batch
-    if args.max_steps is None:
-        total_steps = (args.epochs or 10) * steps_per_epoch
+    if cfg.max_steps is None:
+        total_steps = (cfg.epochs or 10) * steps_per_epoch
     else:
-        total_steps = min(args.max_steps, args.epochs * steps_per_epoch) if args.epochs else args.max_steps
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    if args.warmup_steps is not None:
-        warmup = args.warmup_steps
-    elif args.warmup_epochs is not None:
-        warmup = round(args.warmup_epochs * steps_per_epoch)
+        total_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch) if cfg.epochs else cfg.max_steps
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    elif cfg.warmup_epochs is not None:
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
     else:
         warmup = round(0.05 * total_steps)
-    warmup = max(0, min(warmup, total_steps - 1))
+    return Plan(train_set, test_set, batch_size, steps_per_epoch, total_steps,
+                math.ceil(total_steps / steps_per_epoch), max(0, min(warmup, total_steps - 1)), model_cfg, superclasses)
 
-    # ---- model
-    superclasses = None
-    if args.superclasses:
-        if "superclasses" in overrides:
-            raise ValueError("give the super-class map either with --superclasses or --set superclasses=, not both")
-        superclasses = load_superclasses(args.superclasses, train_set)
-        groups = max(superclasses["assignment"]) + 1
-        experts = overrides.get("num_experts") or _preset_experts(args.model)
-        if experts and experts != groups:
-            raise ValueError(f"the super-class map has {groups} groups but {args.model} has {experts} experts; "
-                             f"E must equal the number of super-classes (e.g. a -e{groups}k1 preset)")
-        overrides["superclasses"] = superclasses["assignment"]
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = create_model(args.model, num_classes=train_set.num_classes, img_size=H, in_chans=C, **overrides)
-    model.to(device)
-    raw = model
-    macs = count_macs(raw, (C, H, W))
-    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda" or None)
 
-    # ---- run directory and resume
-    run_dir = Path(args.out or f"runs/{args.model}-{args.dataset.replace(':', '_').replace('/', '_')}-"
-                              f"{time.strftime('%Y%m%d-%H%M%S')}")
-    run_spec = {"model": args.model, "overrides": {k: v for k, v in overrides.items() if k != "superclasses"},
-                "dataset": args.dataset, "holdout": args.holdout,
-                "superclasses": superclasses["assignment"] if superclasses else None,
-                "seed": args.seed, "batch_size": batch_size}
-    step, history, wall_before, epoch_sums = 0, [], 0.0, {}
-    last_eval: dict = {}
-    if args.resume:
-        if not (run_dir / TRAIN_STATE).is_file():
-            raise ValueError(f"--resume: {run_dir} has no {TRAIN_STATE} to continue from")
-        saved = read_train_info(run_dir)["spec"]
-        changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != json.loads(json.dumps(run_spec[k]))]
-        if changed:
-            raise ValueError(f"--resume: {run_dir} was trained with different {changed}: "
-                             + ", ".join(f"{k}={saved.get(k)!r}" for k in changed))
-        info = load_train_state(run_dir, raw, optimizer)
-        step, history, wall_before = info["step"], info["history"], info["wall_time_s"]
-        epoch_sums, last_eval = info.get("epoch_sums", {}), info.get("last_eval", {})
-        if step >= total_steps:
-            raise ValueError(f"--resume: the run is already at step {step} of {total_steps}; "
-                             "raise --epochs or --max-steps to train further")
-    elif (run_dir / TRAIN_STATE).exists() or (run_dir / "card.json").exists():
-        raise ValueError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if args.resume:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
-    if ddp:
+def build_model_and_optimizer(cfg: TrainConfig, plan: Plan, procs: Processes):
+    """The model (same initial weights on every rank) and AdamW; -> (model, optimizer, macs)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(plan.model_cfg).to(procs.device)
+    macs = count_macs(model, plan.train_set.image_shape)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                                  fused=procs.device.type == "cuda" or None)
+    return model, optimizer, macs
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.preset}-{cfg.dataset.replace(':', '_').replace('/', '_')}-{stamp}"
+
+
+def run_spec(cfg: TrainConfig, plan: Plan) -> dict:
+    """What a resume must match: the model (as fitted to the data), data, split, seed, batch."""
+    return json.loads(json.dumps({"model": plan.model_cfg.to_dict(), "dataset": cfg.dataset,
+                                  "holdout": cfg.holdout, "seed": cfg.seed, "batch_size": plan.batch_size}))
+
+
+def _comparable(saved: dict, spec: dict) -> dict:
+    """A saved spec in today's form; a run saved before TrainConfig stored a preset + overrides."""
+    if isinstance(saved.get("model"), str):
+        from .models.config import parse_preset
+
+        fields = {**parse_preset(saved["model"]), **(saved.get("overrides") or {}),
+                  "superclasses": saved.get("superclasses")}
+        saved = {**saved, "model": {k: fields.get(k, v) if k in fields else v for k, v in spec["model"].items()}}
+    return saved
+
+
+def resume_or_start(cfg: TrainConfig, plan: Plan, raw, optimizer, run_dir: Path, spec: dict) -> State:
+    """Restore the saved state (--resume), or check that the folder holds no other run."""
+    if not cfg.resume:
+        if (run_dir / TRAIN_STATE).exists() or (run_dir / "card.json").exists():
+            raise ValueError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
+        return State()
+    if not (run_dir / TRAIN_STATE).is_file():
+        raise ValueError(f"--resume: {run_dir} has no {TRAIN_STATE} to continue from (nothing was saved yet: "
+                         "run again without --resume)")
+    saved = _comparable(read_train_info(run_dir)["spec"], spec)
+    changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != spec[k]]
+    if changed:
+        raise ValueError(f"--resume: {run_dir} was trained with different {changed}: "
+                         + ", ".join(f"{k}={saved.get(k)!r}" for k in changed))
+    info = load_train_state(run_dir, raw, optimizer)
+    state = State(info["step"], info["history"], info.get("epoch_sums", {}), info.get("last_eval", {}),
+                  info["wall_time_s"])
+    if state.step >= plan.total_steps:
+        raise ValueError(f"--resume: the run is already at step {state.step} of {plan.total_steps}; "
+                         "raise --epochs or --max-steps to train further")
+    return state
+
+
+def prepare_folder(run: Run) -> None:
+    """Create the folder; remove a killed writer's temp files and metrics past the saved step."""
+    if not run.procs.master:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(run.run_dir)
+    damaged = truncate_metrics(run.run_dir, run.state.step)   # a fresh start keeps nothing
+    if damaged:
+        print(f"note: dropped {damaged} damaged line(s) of {run.run_dir / 'metrics.jsonl'}", file=sys.stderr)
+
+
+def wrap_ddp(model, procs: Processes):
+    if not procs.ddp:
+        return model
+    dist.barrier()
+    # 1-channel patch-embedding grads have equivalent but differently written strides: harmless
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
+        find_unused_parameters=model.cfg.is_moe)  # experts no image chose get no gradient
+
+
+def open_log(run: Run) -> None:
+    cfg, plan, procs = run.cfg, run.plan, run.procs
+    run.log = RunLog(run.run_dir, procs.master, {
+        "state": "running", "pid": os.getpid(), "run_dir": str(run.run_dir), "started": now_iso(),
+        "command": run.command, "model": cfg.preset, "dataset": cfg.dataset, "world_size": procs.world,
+        "total_steps": plan.total_steps, "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch,
+        "resumed_from_step": run.state.step if cfg.resume else None, "error": None,
+    }, resumed_step=run.state.step if cfg.resume else None)
+    run.log.set_status(step=run.state.step, epoch=run.state.step // plan.steps_per_epoch)
+    run.progress = Progress(plan.total_steps, enabled=procs.master and not cfg.quiet)
+    amp = "bf16 autocast" if procs.amp_dtype is not None else "fp32"
+    run.progress.line(f"{cfg.preset} on {cfg.dataset}: {len(plan.train_set)} train / {len(plan.test_set)} test "
+                      f"images, {run.macs['params_total'] / 1e6:.2f}M params, {run.macs['active'] / 1e6:.1f}M "
+                      f"MACs/img, {amp}, {procs.device}, {torch.get_num_threads()} threads x {procs.world} "
+                      f"process(es) -> {run.run_dir}")
+
+
+def train_step(run: Run, order, i: int, epoch: int) -> dict:
+    """One optimizer step on batch `i` of the epoch's order; -> what the log needs."""
+    cfg, procs, plan, step = run.cfg, run.procs, run.plan, run.state.step
+    idx = order[i * plan.batch_size:(i + 1) * plan.batch_size][procs.rank::procs.world]
+    x, y = to_batch(plan.train_set, idx, procs.device,
+                    torch.Generator().manual_seed(_seed(cfg.seed, step, procs.rank, 1)))
+    torch.manual_seed(_seed(cfg.seed, step, procs.rank, 2))  # router noise
+    lr = lr_at(step, plan.total_steps, plan.warmup, cfg.lr, cfg.min_lr)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    with autocast(procs.device, procs.amp_dtype):
+        out = run.model(x, return_routing=True, labels=y)
+    ce = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
+    loss = ce + out.total_aux_loss.float()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()   # NOTE: backward before the finiteness check, so DDP ranks never hang
+    gnorm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
+    loss_value = loss.item()
+    bad = torch.tensor(float(not (math.isfinite(loss_value) and torch.isfinite(gnorm))))
+    if procs.ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise TrainingError(f"loss is {loss_value} (gradient norm {float(gnorm):.3g}) at step {step + 1}, epoch "
+                            f"{epoch + 1}: training diverged; lower --lr (now {cfg.lr:g}) or check the data. "
+                            + _kept_message(run))
+    run.optimizer.step()
+    run.state.step += 1
+    return {"loss": loss_value, "ce": ce.item(), "aux": {k: float(v.detach()) for k, v in out.aux_loss.items()},
+            "correct": int((out.logits.argmax(-1) == y).sum()), "n": len(y), "lr": lr, "gnorm": float(gnorm)}
+
+
+def _kept_message(run: Run) -> str:
+    if (run.run_dir / TRAIN_STATE).exists() or (run.run_dir / "card.json").exists():
+        return f"The last good checkpoint in {run.run_dir} is kept."
+    return "No checkpoint was saved before it diverged."
+
+
+def log_step(run: Run, epoch: int, r: dict) -> None:
+    """Sums for the epoch and the log window; a train record every log_every steps."""
+    state, w, step = run.state, run.window, run.state.step
+    for key in ("loss", "ce", "correct", "n"):
+        w[key] = w.get(key, 0) + r[key]
+    w["aux"] = {k: w.get("aux", {}).get(k, 0.0) + v for k, v in r["aux"].items()}
+    w["steps"], w["seen"] = w.get("steps", 0) + 1, w.get("seen", 0) + r["n"] * run.procs.world
+    state.epoch_sums["loss"] += r["loss"] * r["n"]
+    state.epoch_sums["correct"] += r["correct"]
+    state.epoch_sums["seen"] += r["n"]
+    eta = (time.time() - run.t_start) / (step - run.start_step) * (run.plan.total_steps - step)
+    head = f"ep {epoch + 1}/{run.plan.epochs}"
+    if not (step % run.cfg.log_every == 0 or step == run.plan.total_steps or step == run.start_step + 1):
+        run.progress.update(step, f"{head} loss {r['loss']:.4f} ETA {fmt_time(eta)}")
+        return
+    now, n = time.time(), w["steps"]
+    rec = {"type": "train", "step": step, "epoch": epoch + 1, "loss": round(w["loss"] / n, 5),
+           "ce": round(w["ce"] / n, 5), "aux": {k: round(v / n, 6) for k, v in w["aux"].items()},
+           "train_accuracy": round(w["correct"] / w["n"], 4), "lr": r["lr"], "grad_norm": round(r["gnorm"], 4),
+           "img_per_s": round(w["seen"] / max(1e-9, now - w.get("t", run.t_start)), 1), "eta_s": round(eta, 1),
+           "time": round(run.wall(), 2)}
+    run.log.write(rec)
+    run.log.set_status(step=step, epoch=epoch + 1, eta_s=round(eta, 1), last_train=rec)
+    run.progress.update(step, f"{head} loss {rec['loss']:.4f} acc {100 * rec['train_accuracy']:.1f}% "
+                              f"{rec['img_per_s']:.0f} img/s ETA {fmt_time(eta)}", force=True)
+    run.window = {"t": now}
+
+
+def save_state(run: Run) -> None:
+    """The resume state; refused (TrainingError) when anything is non-finite, so the last good one stays."""
+    probe = to_batch(run.plan.train_set, torch.arange(min(32, len(run.plan.train_set))), run.procs.device)[0]
+    if not healthy(run.raw, run.optimizer, probe, run.procs.amp_dtype):  # same weights on all ranks: all raise
+        raise TrainingError(f"the model's outputs became non-finite at step {run.state.step}: training diverged; "
+                            f"lower --lr (now {run.cfg.lr:g}) or check the data. This state was not saved. "
+                            + _kept_message(run))
+    if run.procs.master:
+        s = run.state
+        save_train_state(run.run_dir, run.raw, run.optimizer, {
+            "spec": run.spec, "step": s.step, "history": s.history, "epoch_sums": s.epoch_sums,
+            "last_eval": s.last_eval, "wall_time_s": round(run.wall(), 3), "command": run.command})
+
+
+def card_for(run: Run, metrics: dict) -> dict:
+    cfg, plan, sc = run.cfg, run.plan, run.plan.superclasses
+    return {
+        "preset": cfg.preset, "dataset": cfg.dataset, "classes": list(plan.train_set.classes),
+        "superclasses": {k: sc[k] for k in ("assignment", "names", "method")} if sc else None,
+        "metrics": metrics, "macs": run.macs,
+        "params": {"total": run.macs["params_total"], "active": run.macs["params_active"]},
+        "confusion": None, "history": run.state.history, "command": run.command,
+        "wall_time_s": round(run.wall(), 1), "version": __version__,
+        "training": {"epochs": plan.epochs, "steps": run.state.step, "batch_size": plan.batch_size, "lr": cfg.lr,
+                     "min_lr": cfg.min_lr, "weight_decay": cfg.weight_decay, "warmup_steps": plan.warmup,
+                     "label_smoothing": cfg.label_smoothing, "seed": cfg.seed, "holdout": cfg.holdout,
+                     "precision": "bf16" if run.procs.amp_dtype is not None else "fp32",
+                     "world_size": run.procs.world},
+    }
+
+
+def end_of_epoch(run: Run, n_epoch: int, lr: float) -> None:
+    """Evaluate (every eval_every epochs and at the end), then checkpoint and save the resume state."""
+    cfg, plan, procs, state = run.cfg, run.plan, run.procs, run.state
+    if n_epoch % cfg.eval_every == 0 or state.step >= plan.total_steps:
+        state.last_eval = eval_record(run.raw, plan.test_set, cfg.eval_batch_size, procs.device, procs.amp_dtype,
+                                      procs.rank, procs.world, n_epoch, state.step)
+        run.log.write({"type": "eval", **state.last_eval})
+    sums = state.epoch_sums
+    entry = {"epoch": n_epoch, "step": state.step, "lr": lr,
+             "train_loss": round(sums["loss"] / max(1, sums["seen"]), 5),
+             "train_accuracy": round(sums["correct"] / max(1, sums["seen"]), 5), "wall_time_s": round(run.wall(), 1)}
+    if state.last_eval.get("epoch") == n_epoch:
+        entry.update({k: v for k, v in state.last_eval.items() if k not in ("epoch", "step")})
+    state.history = [h for h in state.history if h["epoch"] != n_epoch] + [entry]
+    save_state(run)
+    if procs.master:
+        ev = state.last_eval
+        metrics = {"test_accuracy": ev.get("test_accuracy"), "test_loss": ev.get("test_loss"),
+                   "evaluated_at_epoch": ev.get("epoch"), "epoch": n_epoch, "step": state.step,
+                   "train_loss": entry["train_loss"], "train_accuracy": entry["train_accuracy"],
+                   **({"expert_load": ev["expert_load"]} if "expert_load" in ev else {})}
+        save_checkpoint(run.run_dir, run.raw, card_for(run, metrics))
+        snapshot_routing(run, n_epoch)
+        run.log.set_status(step=state.step, epoch=n_epoch, last_eval=ev)
+    run.progress.line(f"epoch {n_epoch}/{plan.epochs}: train loss {entry['train_loss']:.4f}, test accuracy "
+                      f"{100 * (state.last_eval.get('test_accuracy') or 0):.2f}% "
+                      f"({fmt_time(time.time() - run.t_start)} elapsed)")
+
+
+def snapshot_routing(run: Run, n_epoch: int) -> None:
+    """Where a fixed probe of test images goes this epoch (workbench/snapshots.py), and its summary record."""
+    if not run.raw.cfg.is_moe:
+        return
+    test = run.plan.test_set
+    probe = snapshots.probe_indices(len(test))
+    x = normalize(test.images[probe], test.mean, test.std).to(run.procs.device)
+    layers = snapshots.routing_snapshot(run.raw, x)
+    labels = test.labels[probe].numpy()
+    previous = snapshots.load_epoch(run.run_dir, n_epoch - 1)
+    snapshots.save_snapshot(run.run_dir, n_epoch, probe, labels, layers)
+    run.log.write({"type": "routing", "step": run.state.step, "epoch": n_epoch,
+                   **snapshots.epoch_summary(layers, labels, run.raw.cfg.superclasses, previous)})
+
+
+def record_failure(run: Run, e: BaseException) -> None:
+    """status.json and metrics.jsonl say how the run ended: cancelled (SIGTERM, Ctrl-C) or failed."""
+    state = "cancelled" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+    msg = str(e) or type(e).__name__
+    run.log.write({"type": "error", "step": run.state.step, "state": state, "message": msg})
+    run.log.set_status(state=state, step=run.state.step, error=msg)
+    run.progress.line(f"{state}: {msg}")
+    run.log.close()
+
+
+def finish(run: Run) -> dict:
+    """The last records, the DDP consistency check, and the summary returned by train()."""
+    procs, state, wall = run.procs, run.state, round(run.wall(), 1)
+    if procs.ddp:
+        (run.run_dir / "ddp").mkdir(exist_ok=True)
+        atomic_write_json(run.run_dir / "ddp" / f"rank{procs.rank}.json",
+                          {"rank": procs.rank, "step": state.step, "param_sha256": param_sha256(run.raw)})
         dist.barrier()
-        # 1-channel patch-embedding grads have equivalent but differently written strides: harmless
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        model = torch.nn.parallel.DistributedDataParallel(
-            raw, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=raw.cfg.is_moe,  # experts no image chose get no gradient
-        )
-
-    t_start = time.time()
-    log = RunLog(run_dir, master, {
-        "state": "running", "pid": os.getpid(), "run_dir": str(run_dir), "started": _now(), "command": command,
-        "model": args.model, "dataset": args.dataset, "world_size": world, "total_steps": total_steps,
-        "epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_step": step if args.resume else None,
-        "error": None,
-    })
-    log.set_status(step=step, epoch=step // steps_per_epoch)
-    progress = Progress(total_steps, enabled=master and not args.quiet)
-    if master and not args.quiet:
-        amp = "bf16 autocast" if amp_dtype is not None else "fp32"
-        progress.line(f"{args.model} on {args.dataset}: {len(train_set)} train / {len(test_set)} test images, "
-                      f"{macs['params_total'] / 1e6:.2f}M params, {macs['active'] / 1e6:.1f}M MACs/img, "
-                      f"{amp}, {device}, {torch.get_num_threads()} threads x {world} process(es) -> {run_dir}")
-
-    def card_for(metrics: dict) -> dict:
-        return {
-            "preset": args.model, "dataset": args.dataset, "classes": list(train_set.classes),
-            "superclasses": ({k: superclasses[k] for k in ("assignment", "names", "method")}
-                             if superclasses else None),
-            "metrics": metrics, "macs": macs,
-            "params": {"total": macs["params_total"], "active": macs["params_active"]},
-            "confusion": None, "history": history, "command": command,
-            "wall_time_s": round(wall_before + time.time() - t_start, 1), "version": __version__,
-            "training": {"epochs": epochs, "steps": step, "batch_size": batch_size, "lr": args.lr,
-                         "min_lr": args.min_lr, "weight_decay": args.weight_decay, "warmup_steps": warmup,
-                         "label_smoothing": args.label_smoothing, "seed": args.seed, "holdout": args.holdout,
-                         "precision": "bf16" if amp_dtype is not None else "fp32", "world_size": world},
-        }
-
-    def save_state() -> None:
-        if master:
-            save_train_state(run_dir, raw, optimizer, {
-                "spec": run_spec, "step": step, "history": history, "epoch_sums": epoch_sums,
-                "last_eval": last_eval, "wall_time_s": round(wall_before + time.time() - t_start, 3),
-                "command": command,
-            })
-
-    def run_eval(epoch: int) -> dict:
-        s = eval_stats(raw, test_set, args.eval_batch_size, device, amp_dtype, shard=(rank, world))
-        if ddp:
-            packed = torch.cat([torch.tensor([s["correct"], s["total"], s["loss_sum"]], dtype=torch.float64),
-                                s["load"].flatten()])
-            dist.all_reduce(packed)
-            s.update(correct=packed[0].item(), total=packed[1].item(), loss_sum=packed[2].item(),
-                     load=packed[3:].view_as(s["load"]))
-        return {"epoch": epoch, "step": step, "test_accuracy": round(s["correct"] / max(1, s["total"]), 5),
-                "test_loss": round(s["loss_sum"] / max(1, s["total"]), 5),
-                **({"expert_load": expert_load_summary(s)} if raw.cfg.is_moe else {})}
-
-    # ---- train
-    t_log, seen_log, n_log = time.time(), 0, 0
-    sums = {"loss": 0.0, "ce": 0.0, "aux": {}, "correct": 0}
-    start_step = step
-    model.train()
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch            # 0-based; logs say epoch + 1
-            order = epoch_order(len(train_set), args.seed, epoch)
-            if not epoch_sums or epoch_sums.get("epoch") != epoch:
-                epoch_sums = {"epoch": epoch, "loss": 0.0, "correct": 0, "seen": 0}
-            for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                if step >= total_steps:
-                    break
-                idx = order[i * batch_size:(i + 1) * batch_size][rank::world]
-                x, y = _batch(train_set, idx, device, torch.Generator().manual_seed(_seed(args.seed, step, rank, 1)))
-                torch.manual_seed(_seed(args.seed, step, rank, 2))  # router noise
-                lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast(device, amp_dtype):
-                    out = model(x, return_routing=True, labels=y)
-                ce = F.cross_entropy(out.logits.float(), y, label_smoothing=args.label_smoothing)
-                loss = ce + out.total_aux_loss.float()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()   # NOTE: backward before the finiteness check, so DDP ranks never hang
-                gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad if args.clip_grad > 0 else
-                                                       float("inf"))
-                loss_value = loss.item()
-                bad = torch.tensor(float(not (math.isfinite(loss_value) and torch.isfinite(gnorm))))
-                if ddp:
-                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                if bad.item():
-                    raise TrainingError(
-                        f"loss is {loss_value} (gradient norm {float(gnorm):.3g}) at step {step + 1}, "
-                        f"epoch {epoch + 1}: training diverged; lower --lr (now {args.lr:g}) or check the data. "
-                        f"The last good checkpoint in {run_dir} is kept.")
-                optimizer.step()
-                step += 1
-
-                # ---- bookkeeping (rank 0 logs; throughput counts all processes)
-                correct = int((out.logits.argmax(-1) == y).sum())
-                sums["loss"] += loss_value
-                sums["ce"] += ce.item()
-                sums["correct"] += correct
-                for k, v in out.aux_loss.items():
-                    sums["aux"][k] = sums["aux"].get(k, 0.0) + float(v.detach())
-                n_log += 1
-                seen_log += len(y) * world
-                epoch_sums["loss"] += loss_value * len(y)
-                epoch_sums["correct"] += correct
-                epoch_sums["seen"] += len(y)
-                done_here = step - start_step
-                eta = (time.time() - t_start) / done_here * (total_steps - step)
-                if master and (step % args.log_every == 0 or step == total_steps or step == start_step + 1):
-                    now = time.time()
-                    rec = {"type": "train", "step": step, "epoch": epoch + 1, "loss": round(sums["loss"] / n_log, 5),
-                           "ce": round(sums["ce"] / n_log, 5),
-                           "aux": {k: round(v / n_log, 6) for k, v in sums["aux"].items()},
-                           "train_accuracy": round(sums["correct"] / (n_log * len(y)), 4),
-                           "lr": lr, "grad_norm": round(float(gnorm), 4),
-                           "img_per_s": round(seen_log / max(1e-9, now - t_log), 1), "eta_s": round(eta, 1),
-                           "time": round(wall_before + now - t_start, 2)}
-                    log.write(rec)
-                    log.set_status(step=step, epoch=epoch + 1, eta_s=round(eta, 1), last_train=rec)
-                    progress.update(step, f"ep {epoch + 1}/{epochs} loss {rec['loss']:.4f} "
-                                          f"acc {100 * rec['train_accuracy']:.1f}% {rec['img_per_s']:.0f} img/s "
-                                          f"ETA {_fmt_time(eta)}", force=True)
-                    t_log, seen_log, n_log = now, 0, 0
-                    sums = {"loss": 0.0, "ce": 0.0, "aux": {}, "correct": 0}
-                elif master:
-                    progress.update(step, f"ep {epoch + 1}/{epochs} loss {loss_value:.4f} ETA {_fmt_time(eta)}")
-                # (an epoch's end saves below, after evaluating)
-                if args.save_every_steps and step % args.save_every_steps == 0 and step % steps_per_epoch:
-                    save_state()
-
-            # ---- end of an epoch (or of the run): evaluate, checkpoint, resume state
-            epoch_done = step % steps_per_epoch == 0
-            if not epoch_done and step < total_steps:
-                continue
-            n_epoch = epoch + 1
-            if n_epoch % args.eval_every == 0 or step >= total_steps:
-                last_eval = run_eval(n_epoch)
-                if master:
-                    log.write({"type": "eval", **last_eval})
-            entry = {"epoch": n_epoch, "step": step, "lr": lr,
-                     "train_loss": round(epoch_sums["loss"] / max(1, epoch_sums["seen"]), 5),
-                     "train_accuracy": round(epoch_sums["correct"] / max(1, epoch_sums["seen"]), 5),
-                     "wall_time_s": round(wall_before + time.time() - t_start, 1)}
-            if last_eval.get("epoch") == n_epoch:
-                entry.update({k: v for k, v in last_eval.items() if k not in ("epoch", "step")})
-            history = [h for h in history if h["epoch"] != n_epoch] + [entry]
-            if master:
-                save_state()
-                metrics = {"test_accuracy": last_eval.get("test_accuracy"), "test_loss": last_eval.get("test_loss"),
-                           "evaluated_at_epoch": last_eval.get("epoch"), "epoch": n_epoch, "step": step,
-                           "train_loss": entry["train_loss"], "train_accuracy": entry["train_accuracy"]}
-                if "expert_load" in last_eval:
-                    metrics["expert_load"] = last_eval["expert_load"]
-                save_checkpoint(run_dir, raw, card_for(metrics))
-                log.set_status(step=step, epoch=n_epoch, last_eval=last_eval)
-                progress.line(f"epoch {n_epoch}/{epochs}: train loss {entry['train_loss']:.4f}, "
-                              f"test accuracy {100 * (last_eval.get('test_accuracy') or 0):.2f}% "
-                              f"({_fmt_time(time.time() - t_start)} elapsed)")
-    except BaseException as e:
-        if master:
-            state = "stopped" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
-            msg = str(e) or type(e).__name__
-            log.write({"type": "error", "step": step, "state": state, "message": msg})
-            log.set_status(state=state, step=step, error=msg)
-            progress.line(f"{state}: {msg}")
-        log.close()
-        raise
-
-    wall = round(wall_before + time.time() - t_start, 1)
-    if ddp:
-        from .checkpoint import atomic_write_json
-
-        (run_dir / "ddp").mkdir(exist_ok=True)
-        atomic_write_json(run_dir / "ddp" / f"rank{rank}.json", {"rank": rank, "step": step,
-                                                                  "param_sha256": param_sha256(raw)})
-        dist.barrier()
-    summary = {"run_dir": str(run_dir), "test_accuracy": last_eval.get("test_accuracy"), "steps": step,
-               "epochs": epochs, "history": history, "wall_time_s": wall, "command": command}
-    if master:
-        log.write({"type": "done", "step": step, "epoch": epochs, "test_accuracy": summary["test_accuracy"],
-                   "wall_time_s": wall})
-        log.set_status(state="finished", step=step, last_eval=last_eval, wall_time_s=wall)
-        summary["card"] = read_card(run_dir)
-    log.close()
+    summary = {"run_dir": str(run.run_dir), "test_accuracy": state.last_eval.get("test_accuracy"),
+               "steps": state.step, "epochs": run.plan.epochs, "history": state.history, "wall_time_s": wall,
+               "command": run.command}
+    run.log.write({"type": "done", "step": state.step, "epoch": run.plan.epochs,
+                   "test_accuracy": summary["test_accuracy"], "wall_time_s": wall})
+    run.log.set_status(state="finished", step=state.step, last_eval=state.last_eval, wall_time_s=wall)
+    if procs.master:
+        summary["card"] = read_card(run.run_dir)
+    run.log.close()
     return summary
 
 
-def _preset_experts(preset: str) -> Optional[int]:
-    from .models import parse_preset
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns a summary dict (run_dir, test_accuracy, steps, history, card).
 
-    return parse_preset(preset).get("num_experts")
+    Raises TrainingError on a non-finite loss or weights (the last good checkpoint
+    stays), ValueError for bad options, data, maps or resume mismatches.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig (workbench.train_config), got {type(cfg).__name__}")
+    cfg.validate()
+    procs = setup_processes(cfg)
+    plan = build_data(cfg, procs)
+    raw, optimizer, macs = build_model_and_optimizer(cfg, plan, procs)
+    run_dir = run_folder(cfg)
+    spec = run_spec(cfg, plan)
+    state = resume_or_start(cfg, plan, raw, optimizer, run_dir, spec)
+    run = Run(cfg, procs, plan, raw, raw, optimizer, run_dir, spec, state, cfg.command(procs.world), macs,
+              start_step=state.step)
+    prepare_folder(run)
+    run.model = wrap_ddp(raw, procs)
+    open_log(run)
+    run.model.train()
+    try:
+        while state.step < plan.total_steps:
+            epoch = state.step // plan.steps_per_epoch            # 0-based; logs say epoch + 1
+            order = epoch_order(len(plan.train_set), cfg.seed, epoch)
+            if state.epoch_sums.get("epoch") != epoch:
+                state.epoch_sums = {"epoch": epoch, "loss": 0.0, "correct": 0, "seen": 0}
+            lr = cfg.lr
+            for i in range(state.step - epoch * plan.steps_per_epoch, plan.steps_per_epoch):
+                if state.step >= plan.total_steps:
+                    break
+                r = train_step(run, order, i, epoch)
+                lr = r["lr"]
+                log_step(run, epoch, r)
+                if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 \
+                        and state.step % plan.steps_per_epoch:   # (an epoch's end saves after evaluating)
+                    save_state(run)
+            if state.step % plan.steps_per_epoch == 0 or state.step >= plan.total_steps:
+                end_of_epoch(run, epoch + 1, lr)
+    except BaseException as e:
+        record_failure(run, e)
+        raise
+    return finish(run)
 
 
+# ----------------------------------------------------------------------------- the CLI
 def _stop_on_sigterm(signum, frame):
-    # the app stops runs with SIGTERM: record it as "stopped", not as a crash
+    # the app stops runs with SIGTERM: record it as "cancelled", not as a crash
     raise KeyboardInterrupt("stopped by SIGTERM")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     code = 0
     try:
-        summary = train(args, argv=argv)
-        if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
-            acc = summary["test_accuracy"]
-            print(f"done: test accuracy {100 * acc:.2f}% after {summary['steps']} steps; checkpoint in "
-                  f"{summary['run_dir']}", file=sys.stderr)
+        cfg = from_args(parse_args(argv))
+        summary = train(cfg)
+        if not cfg.quiet and int(os.environ.get("RANK", "0")) == 0:
+            print(f"done: test accuracy {100 * summary['test_accuracy']:.2f}% after {summary['steps']} steps; "
+                  f"checkpoint in {summary['run_dir']}", file=sys.stderr)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = 130
-    except ValueError as e:  # bad options, datasets, maps, resume mismatches (CheckpointError/DatasetError too)
+    except (ValueError, OSError) as e:  # bad options, data, maps, resume mismatches, unwritable folders
         print(f"error: {e}", file=sys.stderr)
         code = 2
     finally:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return code
 
 

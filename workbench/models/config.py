@@ -227,6 +227,13 @@ def parse_preset(name: str) -> dict:
     }
 
 
+def preset_name(family: str, depth: int, width: int, num_experts: int = 0, top_k: int = 1) -> str:
+    """The preset for a shape (the inverse of `parse_preset`): vit-<L>x<D> or <family>-<L>x<D>-e<E>k<K>."""
+    if family == "vit":
+        return f"vit-{int(depth)}x{int(width)}"
+    return f"{family}-{int(depth)}x{int(width)}-e{int(num_experts)}k{int(top_k)}"
+
+
 def paper_grid_presets() -> list[str]:
     """The Mobile V-MoE paper's dense grid: depth x width."""
     return [f"vit-{l}x{d}" for l in PAPER_DEPTHS for d in PAPER_WIDTHS]

@@ -1,0 +1,88 @@
+"""Evaluation during and after training: accuracy, loss and expert load on a dataset split."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import augment, normalize
+from .device import autocast, resolve_precision
+
+
+def to_batch(dataset, idx, device, generator=None):
+    """uint8 images at `idx` -> normalised (and, with a generator, augmented) float batch + labels."""
+    x = normalize(dataset.images[idx], dataset.mean, dataset.std)
+    if generator is not None:
+        x = augment(x, dataset.hflip, generator)
+    return x.to(device, non_blocking=True), dataset.labels[idx].to(device, non_blocking=True)
+
+
+def eval_stats(model, dataset, batch_size: int = 256, device=None, amp_dtype=None, shard=(0, 1)) -> dict:
+    """Accuracy, loss and expert load on `dataset` (or the `shard=(rank, world)` slice of it).
+
+    Returns sums so that DDP ranks can add them: correct, total, loss_sum, and
+    `load`: (MoE layers, E + 2) counts [kept assignments per expert..., dropped, all].
+    """
+    device = device or next(model.parameters()).device
+    cfg = model.cfg
+    layers = cfg.moe_block_indices()
+    load = torch.zeros(len(layers), cfg.num_experts + 2, dtype=torch.float64)
+    correct = total = 0
+    loss_sum = 0.0
+    rank, world = shard
+    idx_all = torch.arange(rank, len(dataset), world)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(idx_all), batch_size):
+            x, y = to_batch(dataset, idx_all[i:i + batch_size], device)
+            with autocast(device, amp_dtype):
+                out = model(x, return_routing=True)
+            logits = out.logits.float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+            for row, rec in enumerate(out.routing):
+                kept = rec.experts[rec.kept].reshape(-1).cpu()
+                load[row, :cfg.num_experts] += torch.bincount(kept, minlength=cfg.num_experts).double()
+                load[row, -2] += rec.kept.numel() - kept.numel()
+                load[row, -1] += rec.kept.numel()
+    model.train(was_training)
+    return {"correct": correct, "total": total, "loss_sum": loss_sum, "load": load, "layers": layers,
+            "kinds": ["token" if cfg.family == "vmoe" else "image"] * len(layers)}
+
+
+def expert_load_summary(stats: dict) -> list:
+    """Per MoE layer: share of kept (image or token) assignments per expert, and the dropped share."""
+    out = []
+    for row, layer in enumerate(stats["layers"]):
+        counts = stats["load"][row]
+        kept = counts[:-2]
+        out.append({
+            "layer": int(layer), "kind": stats["kinds"][row],
+            "fraction": [round(float(c / max(1.0, float(kept.sum()))), 4) for c in kept],
+            "dropped": round(float(counts[-2] / max(1.0, float(counts[-1]))), 4),
+        })
+    return out
+
+
+def evaluate(model, dataset, batch_size: int = 256, device=None, precision: str = "fp32") -> float:
+    """Top-1 accuracy (a fraction) of `model` on `dataset`."""
+    device = device or next(model.parameters()).device
+    s = eval_stats(model, dataset, batch_size, device, resolve_precision(precision, device))
+    return s["correct"] / max(1, s["total"])
+
+
+def eval_record(raw, test_set, batch_size: int, device, amp_dtype, rank: int, world: int, epoch: int, step: int) -> dict:
+    """The metrics.jsonl "eval" record of one evaluation, summed over DDP ranks."""
+    s = eval_stats(raw, test_set, batch_size, device, amp_dtype, shard=(rank, world))
+    if world > 1:
+        import torch.distributed as dist
+
+        packed = torch.cat([torch.tensor([s["correct"], s["total"], s["loss_sum"]], dtype=torch.float64),
+                            s["load"].flatten()])
+        dist.all_reduce(packed)
+        s.update(correct=packed[0].item(), total=packed[1].item(), loss_sum=packed[2].item(),
+                 load=packed[3:].view_as(s["load"]))
+    return {"epoch": epoch, "step": step, "test_accuracy": round(s["correct"] / max(1, s["total"]), 5),
+            "test_loss": round(s["loss_sum"] / max(1, s["total"]), 5),
+            **({"expert_load": expert_load_summary(s)} if raw.cfg.is_moe else {})}

@@ -11,7 +11,7 @@ from workbench.checkpoint import read_card
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    code = pipeline.main(["--dataset", "synthetic", "--out", str(out), "--epochs", "6", "--quiet"])
+    code = pipeline.main(["--dataset", "synthetic", "--out", str(out), "--epochs", "3", "--quiet"])
     assert code == 0
     return out
 
@@ -43,7 +43,7 @@ def test_moe_is_trained_with_the_discovered_superclasses(run_dir):
 
 def test_a_rerun_skips_finished_stages(run_dir):
     before = (run_dir / "dense" / "model.safetensors").stat().st_mtime_ns
-    assert pipeline.main(["--dataset", "synthetic", "--out", str(run_dir), "--epochs", "6", "--quiet"]) == 0
+    assert pipeline.main(["--dataset", "synthetic", "--out", str(run_dir), "--epochs", "3", "--quiet"]) == 0
     assert (run_dir / "dense" / "model.safetensors").stat().st_mtime_ns == before
     assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 4  # two rows per run
 

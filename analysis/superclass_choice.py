@@ -77,8 +77,8 @@ def router_input_features(model: torch.nn.Module, dataset, moe: "str | ModelConf
     `router_input="cls"`), see `workbench.models.mvmoe.ImageRouter.summarize`.
     `moe` is the MoE preset (e.g. "mvmoe-6x64-e4k1") or its ModelConfig; the
     dense model must have its depth and width. `dataset` has uint8 `images`,
-    `mean` and `std` (a `workbench.data.ImageDataset`). Uses the public
-    `embed` and `blocks` of the ViT; swap for a forward-intermediates API here only.
+    `mean` and `std` (a `workbench.data.ImageDataset`). Uses the
+    models' public `forward_intermediates`, stopping at the block before the first MoE block.
     """
     cfg = moe if isinstance(moe, ModelConfig) else ModelConfig(**parse_preset(moe))
     if not cfg.is_moe or cfg.family != "mvmoe":
@@ -94,9 +94,9 @@ def router_input_features(model: torch.nn.Module, dataset, moe: "str | ModelConf
         with torch.inference_mode():
             for s in range(0, len(dataset.images), batch_size):
                 x = normalize(dataset.images[s:s + batch_size], dataset.mean, dataset.std)
-                x = model.embed(x)
-                for blk in model.blocks[:first_moe]:
-                    x = blk(x)
+                # the stream entering the first MoE block = the output of the block before it
+                x = model.embed(x) if first_moe == 0 else \
+                    model.forward_intermediates(x, [first_moe - 1], stop_early=True).intermediates[first_moe - 1]
                 out.append((x[:, 1:].mean(1) if cfg.router_input == "mean" else x[:, 0]).float())
     finally:
         model.train(was_training)

@@ -28,13 +28,9 @@ for the app's Confusion graph page and for notebooks.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from functools import partial
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import networkx as nx

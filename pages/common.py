@@ -677,7 +677,7 @@ __all__ = [
     "checkpoint_picker", "available_checkpoints", "refresh_checkpoints", "checkpoint_hash", "weights_hash", "ckpt_ref", "resolve_ref",
     "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset", "dataset_or_none", "analysis_bf16",
     "max_images",
-    "DEFAULT_MAX_IMAGES", "read_uploaded_image", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "short", "checkpoint_problem", "forget_on_checkpoint_change", "expert_color", "patch_overlay_figure", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
+    "DEFAULT_MAX_IMAGES", "read_uploaded_image", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "short", "checkpoint_problem", "forget_on_checkpoint_change", "confusion_picker", "to_pil", "SUPERCLASS_MAP_KEY", "session_superclass_map", "group_sources",
 ]
 
 

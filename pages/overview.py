@@ -4,7 +4,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import checkpoint_picker, get_model, md, need, open_checkpoint
+from pages.common import checkpoint_picker, get_model, md, open_checkpoint
 
 FAMILY_TEXT = {
     "vit": "Dense ViT: every block runs its MLP on every token (the baseline).",

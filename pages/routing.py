@@ -1,7 +1,6 @@
 """Routing: what the routers learned — who goes where, balance, drops, layer agreement, maps, embeddings."""
 import copy
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 

@@ -4,7 +4,6 @@ The run is a separate process (`workbench.jobs`), so this page stays
 responsive and the run survives a reload; everything below is read back from
 the run folder (status.json, metrics.jsonl, log.txt).
 """
-import time
 
 import streamlit as st
 

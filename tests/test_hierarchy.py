@@ -1,7 +1,6 @@
 """Discovered super-classes vs a human hierarchy: scores, and the page from a card alone (no images)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +88,6 @@ def test_the_page_judges_a_card_against_wordnet_without_the_images(tiny_imagenet
 
 def test_the_page_uses_the_dataset_hierarchy_elsewhere(monkeypatch, tmp_path):
     """The synthetic dataset's designed groups are the reference for a synthetic checkpoint."""
-    import torch
     from streamlit.testing.v1 import AppTest
 
     from workbench.checkpoint import save_checkpoint

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +16,6 @@ from workbench import jobs, procs
 from workbench.checkpoint import CheckpointError, load_checkpoint, load_train_state
 from workbench.models import create_model
 from workbench.train import main, param_sha256
-
-from test_jobs import runs  # noqa: F401  (the shared fixture: an empty runs folder, default job limit)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -79,7 +76,7 @@ def test_pipeline_arguments_that_stay_inside_are_accepted(runs):
     (["--save-every-steps", "-1"], "--save-every-steps must be >= 0"),
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--seed", "-1"], "--seed must be between 0"),
-    (["--superclass-loss-weight", "-0.5"], "superclass_loss_weight (lambda) must be >= 0"),
+    (["--superclass-loss-weight", "-0.5"], "superclass_loss_weight must be a number >= 0"),
     (["--set", "num_classes=3"], "set from the dataset"),
 ])
 def test_every_flag_is_range_checked_with_a_clear_message(tmp_path, capsys, flags, message):

@@ -32,18 +32,6 @@ def start(model: str = "vit-2x64", overrides: dict = None, name=None, superclass
                                root=root)
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    """An empty runs folder (WORKBENCH_RUNS) and the default concurrency limit."""
-    root = tmp_path / "runs"
-    monkeypatch.setenv("WORKBENCH_RUNS", str(root))
-    monkeypatch.delenv("WORKBENCH_MAX_JOBS", raising=False)
-    yield root
-    for row in jobs.list_jobs(root):  # never leave a process behind
-        if row["state"] == "running":
-            jobs.cancel(row["run_dir"], root, timeout=2)
-
-
 def sleeper(seconds: float = 60, status: bool = True) -> list[str]:
     """A stand-in job: writes status.json like train.py, then sleeps."""
     code = (
@@ -256,7 +244,7 @@ def test_a_tiny_real_training_job_finishes_with_a_loadable_checkpoint(runs):
     row = jobs.list_jobs(runs)[0]
     assert row["step"] == 2 and 0.0 <= row["test_accuracy"] <= 1.0 and row["checkpoint"] == str(run)
     records = run_folder.read_metrics(run)
-    assert [r["type"] for r in records][-2:] == ["eval", "done"]
+    assert [r["type"] for r in records][-3:] == ["eval", "routing", "done"]   # routing: the epoch's snapshot
     assert not metrics_frames(records)["load"].empty  # per-expert load for the curves
     model, card = load_checkpoint(run)
     assert card["preset"] == "mvmoe-2x64-e2k1" and card["config"]["moe_layers"] == [1]

@@ -1,5 +1,4 @@
 """Behaviour of the three model families: shapes, routing invariants, equivalence to a slow reference."""
-import math
 
 import pytest
 import torch

@@ -384,7 +384,9 @@ def test_router_input_features_read_the_stream_entering_the_first_moe_block():
     assert dense.training and feats.shape == (7, 32)
     dense.eval()
     with torch.no_grad():
-        x = dense.blocks[1](dense.blocks[0](dense.embed((images.float() / 255 - 0.5) / 0.25)))
+        x = dense.embed((images.float() / 255 - 0.5) / 0.25)
+        for blk in dense.blocks[:2]:
+            x, _, _ = blk(x)                                  # a block returns (tokens, routing, aux)
     np.testing.assert_allclose(feats, x[:, 1:].mean(1).numpy(), atol=1e-5)
     with pytest.raises(SuperclassChoiceError, match="router position"):
         router_input_features(dense, ds, "mvmoe-6x32-e2k1")

@@ -5,7 +5,6 @@ import hashlib
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -25,7 +25,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union

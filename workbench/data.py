@@ -23,6 +23,7 @@ import codecs
 import dataclasses
 import gzip
 import hashlib
+import json
 import math
 import multiprocessing
 import os

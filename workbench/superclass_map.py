@@ -9,7 +9,6 @@ equals the model's expert count is `ModelConfig`'s rule (one place).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 

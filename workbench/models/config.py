@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from .routing import CEIL_OR_ROUND

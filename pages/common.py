@@ -54,6 +54,12 @@ def need(condition: Any, message: str) -> None:
         st.stop()
 
 
+def need_moe(card: dict, lacks: str = "router") -> None:
+    """Stop a page that needs experts, with a message, when the checkpoint is a dense model."""
+    need(card["config"].get("family") in ("vmoe", "mvmoe"), f"This is a dense model: it has no {lacks}. Pick a "
+         "V-MoE (per-token) or Mobile V-MoE (per-image) checkpoint in the sidebar.")
+
+
 def _roots() -> dict[str, Path]:
     return {"samples": paths.samples_dir(), "runs": paths.runs_dir()}
 
@@ -673,7 +679,7 @@ def read_uploaded_image(data: bytes, image_shape: Sequence[int]):
 
 
 __all__ = [
-    "md", "need", "selection", "index_selection", "set_selection", "linked_selectbox", "mirror_selections",
+    "md", "need", "need_moe", "selection", "index_selection", "set_selection", "linked_selectbox", "mirror_selections",
     "checkpoint_picker", "available_checkpoints", "refresh_checkpoints", "checkpoint_hash", "weights_hash", "ckpt_ref", "resolve_ref",
     "load_model", "model_copy", "get_model", "load_card", "open_checkpoint", "load_eval_data", "eval_subset", "dataset_or_none", "analysis_bf16",
     "max_images",

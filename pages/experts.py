@@ -7,7 +7,7 @@ import streamlit as st
 from analysis.collect import collect_routing
 from analysis.gallery import expert_classes, expert_gallery, highlight_patches, patch_mask
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, linked_selectbox, load_eval_data,
-                          load_model, max_images, need, open_checkpoint, set_selection, to_pil)
+                          load_model, max_images, need, need_moe, open_checkpoint, set_selection, to_pil)
 
 COLUMNS = 6
 
@@ -48,8 +48,7 @@ st.title("Expert gallery")
 card, path = open_checkpoint(checkpoint_picker())
 cfg = card["config"]
 family = cfg.get("family")
-need(family in ("vmoe", "mvmoe"), "This is a dense model: it has no experts. Pick a V-MoE (per-token) or "
-     "Mobile V-MoE (per-image) checkpoint in the sidebar.")
+need_moe(card, "experts")
 ds = load_eval_data(card)
 need(ds is not None, "The gallery needs the test images (see the warning above).")
 n = min(max_images(), len(ds))

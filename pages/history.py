@@ -10,7 +10,7 @@ from analysis.collect import collect_routing
 from analysis.history import (load_over_time, matched_agreement, router_accuracy_over_time, routing_churn,
                               settling_epoch)
 from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, eval_subset,
-                          linked_selectbox, load_card, load_model, need, open_checkpoint)
+                          linked_selectbox, load_card, load_model, need, need_moe, open_checkpoint)
 from workbench.snapshots import SnapshotError, load_history
 
 
@@ -29,8 +29,7 @@ def top1_of(digest: str, n: int, bf16: bool, _path, _ds) -> dict:
 st.title("Routing over training")
 card, path = open_checkpoint(checkpoint_picker())
 cfg = card["config"]
-need(cfg.get("family") in ("vmoe", "mvmoe"), "This is a dense model: it has no router. Pick a V-MoE (per-token) "
-     "or Mobile V-MoE (per-image) checkpoint in the sidebar.")
+need_moe(card)
 E = int(cfg["num_experts"])
 
 st.subheader("Across epochs")

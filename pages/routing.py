@@ -9,7 +9,7 @@ from analysis.ablation import expert_ablation, impact_figure, impact_matrix
 from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_figure, embedding_frame
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, eval_subset, forget_on_checkpoint_change,
-                          linked_selectbox, load_model, md, need, open_checkpoint)
+                          linked_selectbox, load_model, md, need, need_moe, open_checkpoint)
 
 
 @st.cache_data(show_spinner="Routing the test images…", max_entries=24)
@@ -60,8 +60,7 @@ st.title("Routing")
 card, path = open_checkpoint(checkpoint_picker())
 cfg = card["config"]
 family = cfg.get("family")
-need(family in ("vmoe", "mvmoe"), "This is a dense model: it has no router. Pick a V-MoE (per-token) or "
-     "Mobile V-MoE (per-image) checkpoint in the sidebar.")
+need_moe(card)
 forget_on_checkpoint_change("routing", "w_disabled", "w_topk", "w_capacity", "w_bpr", "w_max_share")
 ds = eval_subset(card)
 need(ds is not None, "Routing statistics need the test images (see the warning above).")

@@ -24,3 +24,42 @@ def runs(tmp_path, monkeypatch):
     for row in jobs.list_jobs(root):  # never leave a process behind
         if row["state"] == "running":
             jobs.cancel(row["run_dir"], root, timeout=2)
+
+
+# ----------------------------------------------------------------------------- app pages on tiny checkpoints
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def save_tiny_checkpoint(folder, preset: str, ds, seed: int = 0, **card):
+    """An untrained `preset` for dataset `ds` saved with a minimal valid card (extra card keys in `card`)."""
+    import torch
+
+    from workbench.checkpoint import save_checkpoint
+    from workbench.flops import count_macs
+    from workbench.models import create_model
+
+    overrides = card.pop("overrides", {})
+    torch.manual_seed(seed)
+    c, h, _ = ds.image_shape
+    model = create_model(preset, num_classes=ds.num_classes, img_size=h, in_chans=c, patch_size=4, **overrides)
+    macs = count_macs(model, ds.image_shape)
+    save_checkpoint(folder, model.eval(), {
+        "preset": preset, "dataset": "synthetic", "classes": list(ds.classes), "superclasses": None,
+        "metrics": {"test_accuracy": 0.1}, "macs": macs,
+        "params": {"total": macs["params_total"], "active": macs["params_active"]}, **card})
+    return folder
+
+
+@pytest.fixture
+def open_page(monkeypatch, tmp_path):
+    """open_page(samples_folder, checkpoint_name, "pages/x.py") -> an AppTest showing that page."""
+    def run(samples, ckpt: str, page: str):
+        from streamlit.testing.v1 import AppTest
+
+        monkeypatch.setenv("WORKBENCH_SAMPLES", str(samples))
+        monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+        at = AppTest.from_file(str(REPO / "workbench" / "app.py"), default_timeout=90)
+        at.query_params["ckpt"] = f"samples/{ckpt}"
+        at.run()
+        return at.switch_page(f"../{page}").run()
+    return run

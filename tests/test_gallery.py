@@ -1,16 +1,13 @@
 """Expert gallery: the statistics on hand-built routing, and the page on tiny checkpoints."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from analysis.collect import RoutingSummary
-from workbench.models import RoutingRecord
 from analysis.gallery import expert_classes, expert_gallery, expert_scores, highlight_patches, patch_mask
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import save_tiny_checkpoint
+from workbench.models import RoutingRecord
 
 
 def _per_image_summary() -> RoutingSummary:
@@ -81,68 +78,34 @@ def test_an_expert_out_of_range_is_a_clear_error():
 # ----------------------------------------------------------------------------- the page
 @pytest.fixture(scope="module")
 def gallery_samples(tmp_path_factory):
-    import torch
-
-    from workbench.checkpoint import save_checkpoint
     from workbench.data import load_dataset
-    from workbench.flops import count_macs
-    from workbench.models import create_model
 
     ds = load_dataset("synthetic", "test")
     out = tmp_path_factory.mktemp("gallery")
-    c, h, _ = ds.image_shape
-    for preset, extra in (("mvmoe-2x32-e4k1", {"superclasses": [i % 4 for i in range(ds.num_classes)]}),
-                          ("vmoe-2x32-e4k2", {"moe_layers": [1]}), ("vit-2x32", {})):
-        torch.manual_seed(0)
-        model = create_model(preset, num_classes=ds.num_classes, img_size=h, in_chans=c, patch_size=4, **extra)
-        macs = count_macs(model, ds.image_shape)
-        save_checkpoint(out / preset, model.eval(), {
-            "preset": preset, "dataset": "synthetic", "classes": list(ds.classes), "superclasses": None,
-            "metrics": {"test_accuracy": 0.1}, "macs": macs,
-            "params": {"total": macs["params_total"], "active": macs["params_active"]}})
+    save_tiny_checkpoint(out / "mvmoe-2x32-e4k1", "mvmoe-2x32-e4k1", ds,
+                         overrides={"superclasses": [i % 4 for i in range(ds.num_classes)]})
+    save_tiny_checkpoint(out / "vmoe-2x32-e4k2", "vmoe-2x32-e4k2", ds, overrides={"moe_layers": [1]})
+    save_tiny_checkpoint(out / "vit-2x32", "vit-2x32", ds)
     return out
 
 
 @pytest.mark.parametrize("preset", ["mvmoe-2x32-e4k1", "vmoe-2x32-e4k2"])
-def test_the_gallery_page_shows_images_and_the_class_table(gallery_samples, monkeypatch, tmp_path, preset):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("WORKBENCH_SAMPLES", str(gallery_samples))
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
-    at.query_params["ckpt"] = f"samples/{preset}"
-    at.run()
-    at.switch_page("../pages/experts.py").run()
+def test_the_gallery_page_shows_images_and_the_class_table(gallery_samples, open_page, preset):
+    at = open_page(gallery_samples, preset, "pages/experts.py")
     assert not at.exception, at.exception
     assert at.title[0].value == "Expert gallery"
     assert any("receives" in m.value for m in at.markdown)
     assert at.dataframe and "owned" in at.dataframe[0].value.columns
 
 
-def test_the_gallery_page_explains_itself_for_a_dense_model(gallery_samples, monkeypatch, tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("WORKBENCH_SAMPLES", str(gallery_samples))
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
-    at.query_params["ckpt"] = "samples/vit-2x32"
-    at.run()
-    at.switch_page("../pages/experts.py").run()
+def test_the_gallery_page_explains_itself_for_a_dense_model(gallery_samples, open_page):
+    at = open_page(gallery_samples, "vit-2x32", "pages/experts.py")
     assert not at.exception
     assert any("dense model" in i.value for i in at.info) or any("dense model" in w.value for w in at.warning)
 
 
-def test_inspect_opens_the_image_in_the_image_inspector(gallery_samples, monkeypatch, tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("WORKBENCH_SAMPLES", str(gallery_samples))
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
-    at.query_params["ckpt"] = "samples/mvmoe-2x32-e4k1"
-    at.run()
-    at.switch_page("../pages/experts.py").run()
+def test_inspect_opens_the_image_in_the_image_inspector(gallery_samples, open_page):
+    at = open_page(gallery_samples, "mvmoe-2x32-e4k1", "pages/experts.py")
     button = next(b for b in at.button if b.key.startswith("top_"))
     index = int(button.key.split("_")[1])
     button.click().run()

@@ -1,14 +1,11 @@
 """Discovered super-classes vs a human hierarchy: scores, and the page from a card alone (no images)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from analysis.hierarchy import compare_groupings, group_members
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import save_tiny_checkpoint
 
 
 def test_the_same_partition_under_other_labels_scores_one():
@@ -67,16 +64,10 @@ def tiny_imagenet_card(tmp_path_factory):
     return out.parent
 
 
-def test_the_page_judges_a_card_against_wordnet_without_the_images(tiny_imagenet_card, monkeypatch, tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tiny_imagenet_card))
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+def test_the_page_judges_a_card_against_wordnet_without_the_images(tiny_imagenet_card, open_page, monkeypatch,
+                                                                     tmp_path):
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "no-data"))
-    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
-    at.query_params["ckpt"] = "samples/tin-mvmoe"
-    at.run()
-    at.switch_page("../pages/hierarchy.py").run()
+    at = open_page(tiny_imagenet_card, "tin-mvmoe", "pages/hierarchy.py")
     assert not at.exception, at.exception
     ari = float(at.metric[0].value)
     assert ari > 0.5                                     # dogs / artifacts / water animals is close to WordNet
@@ -86,35 +77,20 @@ def test_the_page_judges_a_card_against_wordnet_without_the_images(tiny_imagenet
     assert not at.exception and float(at.metric[0].value) != ari
 
 
-def test_the_page_uses_the_dataset_hierarchy_elsewhere(monkeypatch, tmp_path):
+def test_the_page_uses_the_dataset_hierarchy_elsewhere(open_page, tmp_path):
     """The synthetic dataset's designed groups are the reference for a synthetic checkpoint."""
-    from streamlit.testing.v1 import AppTest
-
-    from workbench.checkpoint import save_checkpoint
     from workbench.data import load_dataset
-    from workbench.flops import count_macs
-    from workbench.models import create_model
 
     ds = load_dataset("synthetic", "test")
-    model = create_model("vit-2x32", num_classes=ds.num_classes, img_size=ds.image_shape[1], in_chans=1,
-                         patch_size=4).eval()
-    macs = count_macs(model, ds.image_shape)
     groups = list(ds.reference_groups)
     cm = np.full((ds.num_classes, ds.num_classes), 1) + np.eye(ds.num_classes, dtype=int) * 50
     for i in range(ds.num_classes):
         for j in range(ds.num_classes):
             if i != j and groups[i] == groups[j]:
                 cm[i, j] = 10
-    save_checkpoint(tmp_path / "s" / "dense", model, {
-        "preset": "vit-2x32", "dataset": "synthetic", "classes": list(ds.classes), "superclasses": None,
-        "metrics": {"test_accuracy": 0.5}, "macs": macs, "params": {"total": 1, "active": 1},
-        "confusion": {"split": "heldout", "matrix": cm.tolist()}})
-    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tmp_path / "s"))
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
-    at.query_params["ckpt"] = "samples/dense"
-    at.run()
-    at.switch_page("../pages/hierarchy.py").run()
+    save_tiny_checkpoint(tmp_path / "s" / "dense", "vit-2x32", ds,
+                         confusion={"split": "heldout", "matrix": cm.tolist()})
+    at = open_page(tmp_path / "s", "dense", "pages/hierarchy.py")
     assert not at.exception, at.exception
     at.slider[0].set_value(len(set(groups))).run()
     assert float(at.metric[0].value) == pytest.approx(1.0)     # the designed groups, recovered exactly

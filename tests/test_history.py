@@ -1,8 +1,6 @@
 """Routing snapshots (written per epoch, read back safely) and the statistics over them."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,10 +8,9 @@ import torch
 
 from analysis.history import (load_over_time, matched_agreement, router_accuracy_over_time, routing_churn,
                               settling_epoch)
+from conftest import save_tiny_checkpoint
 from workbench.snapshots import (RoutingHistory, SnapshotError, epoch_summary, load_epoch, load_history,
                                  probe_indices, routing_snapshot, save_snapshot)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _history(rows, labels=(0, 0, 1, 1)) -> RoutingHistory:
@@ -112,25 +109,14 @@ def test_matched_agreement_is_invariant_to_relabelling_experts():
 # ----------------------------------------------------------------------------- the page
 @pytest.fixture(scope="module")
 def history_samples(tmp_path_factory):
-    from workbench.checkpoint import save_checkpoint
     from workbench.data import load_dataset
-    from workbench.flops import count_macs
-    from workbench.models import create_model
 
     ds = load_dataset("synthetic", "test")
     out = tmp_path_factory.mktemp("history")
-    c, h, _ = ds.image_shape
     sc = [i % 4 for i in range(ds.num_classes)]
+    card = {"superclasses": {"assignment": sc, "names": [f"g{i}" for i in range(4)], "method": "test"}}
     for name, seed in (("mvmoe-a", 0), ("mvmoe-b", 1)):
-        torch.manual_seed(seed)
-        model = create_model("mvmoe-2x32-e4k1", num_classes=ds.num_classes, img_size=h, in_chans=c, patch_size=4,
-                             superclasses=sc).eval()
-        macs = count_macs(model, ds.image_shape)
-        save_checkpoint(out / name, model, {
-            "preset": "mvmoe-2x32-e4k1", "dataset": "synthetic", "classes": list(ds.classes),
-            "superclasses": {"assignment": sc, "names": [f"g{i}" for i in range(4)], "method": "test"},
-            "metrics": {"test_accuracy": 0.1}, "macs": macs,
-            "params": {"total": macs["params_total"], "active": macs["params_active"]}})
+        save_tiny_checkpoint(out / name, "mvmoe-2x32-e4k1", ds, seed=seed, overrides={"superclasses": sc}, **card)
     probe = probe_indices(len(ds), 32)
     rng = np.random.default_rng(0)
     for epoch in range(1, 5):
@@ -138,27 +124,15 @@ def history_samples(tmp_path_factory):
     return out
 
 
-def _page(samples, monkeypatch, tmp_path, ckpt):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("WORKBENCH_SAMPLES", str(samples))
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(ROOT / "workbench" / "app.py"), default_timeout=90)
-    at.query_params["ckpt"] = f"samples/{ckpt}"
-    at.run()
-    return at.switch_page("../pages/history.py").run()
-
-
-def test_the_page_shows_epochs_and_the_matched_comparison(history_samples, monkeypatch, tmp_path):
-    at = _page(history_samples, monkeypatch, tmp_path, "mvmoe-a")
+def test_the_page_shows_epochs_and_the_matched_comparison(history_samples, open_page):
+    at = open_page(history_samples, "mvmoe-a", "pages/history.py")
     assert not at.exception, at.exception
     assert at.metric[0].value == "4"
     table = at.dataframe[0].value
     assert (table["agreement after matching"] >= table["agreement of raw indices"]).all()
 
 
-def test_the_page_explains_a_checkpoint_without_snapshots(history_samples, monkeypatch, tmp_path):
-    at = _page(history_samples, monkeypatch, tmp_path, "mvmoe-b")
+def test_the_page_explains_a_checkpoint_without_snapshots(history_samples, open_page):
+    at = open_page(history_samples, "mvmoe-b", "pages/history.py")
     assert not at.exception, at.exception
     assert any("no routing snapshots" in i.value for i in at.info)

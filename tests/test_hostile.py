@@ -492,17 +492,17 @@ def test_16_bit_images_are_scaled_not_clipped():
 
 # ----------------------------------------------------------------------------- JSON the Train page reads
 def test_deep_json_in_maps_metrics_and_job_files_is_refused_not_a_recursion_error(tmp_path):
-    from workbench import jobs
+    from workbench import runs, superclass_map
 
     with pytest.raises(ValueError, match="nested more than"):
-        jobs.read_superclass_file(_deep())
+        superclass_map.parse_map(_deep(), "the super-class file")
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + _deep() + "\n")
     (run / "status.json").write_text(_deep())
     (run / "job.json").write_text(_deep())
-    assert jobs.read_metrics(run) == [{"step": 1, "loss": 2.0}]
-    jobs.list_jobs(tmp_path / "runs")   # no RecursionError
+    assert runs.read_metrics(run) == [{"step": 1, "loss": 2.0}]
+    runs.list_jobs(tmp_path / "runs")   # no RecursionError
 
 
 def test_a_deep_superclasses_json_beside_an_image_folder_is_a_dataset_error(tmp_path):

@@ -16,7 +16,6 @@ official archive for users with internet (nothing downloads in tests).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ TERMS = ("Tiny ImageNet is a subset of ImageNet. ImageNet's terms of access allo
 __all__ = ["FOLDER", "URL", "TERMS", "TinyImageNetError", "find_root", "read_layout", "download", "extract"]
 
 
-from .data import DatasetError
+from .data import DatasetError, _md5
 
 
 class TinyImageNetError(DatasetError):
@@ -94,14 +93,6 @@ def read_layout(root: Path) -> tuple[list[str], list[str], list[tuple[Path, int]
                 raise TinyImageNetError(f"{ann}:{n}: {f} does not exist")
             val.append((f, label[fields[1]]))
     return wnids, classes, train, val
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def extract(archive: Path, dest: Path) -> Path:

@@ -225,13 +225,17 @@ def load_balance(summary: RoutingSummary, *, max_share: Optional[float] = None, 
         flag, reason = imbalance_flag(counts / max(counts.sum(), 1), max_share, min_share, collapse_share)
         if order[flag] > order[worst[0]]:
             worst = (flag, f"block {lr.layer}: {reason}")
-        rows.append({"layer": str(lr.layer), **stats, "flag": flag, "reason": reason})
+        hi, lo = _default_thresholds(len(counts), max_share, min_share)    # the limits the flag used
+        rows.append({"layer": str(lr.layer), **stats, "flag": flag, "reason": reason,
+                     "lowest_allowed": lo, "highest_allowed": hi})
         pooled.append(counts / max(counts.sum(), 1))
     if pooled:
         shares = np.concatenate(pooled)
         stats = load_stats(shares)
         stats["assignments"] = float(sum(r["assignments"] for r in rows))
-        rows.append({"layer": "all", **stats, "flag": worst[0], "reason": worst[1]})
+        rows.append({"layer": "all", **stats, "flag": worst[0], "reason": worst[1],
+                     "lowest_allowed": max(r["lowest_allowed"] for r in rows),
+                     "highest_allowed": min(r["highest_allowed"] for r in rows)})
     return pd.DataFrame(rows)
 
 
@@ -547,8 +551,9 @@ def heatmap_figure(df: pd.DataFrame, title: str = "", colorbar: str = "") -> go.
         z=df.to_numpy(), x=[str(c) for c in df.columns], y=[str(i) for i in df.index], colorscale="Blues",
         colorbar={"title": colorbar}, hovertemplate="%{y} / %{x}: %{z:.3g}<extra></extra>",
     ))
+    # categorical axes: block and expert numbers are labels, not positions ("3.5" ticks between blocks 3 and 4)
     fig.update_layout(title=title, xaxis_title=str(df.columns.name or ""), yaxis_title=str(df.index.name or ""),
-                      yaxis_autorange="reversed")
+                      xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed")
     return fig
 
 

@@ -102,9 +102,14 @@ m[0].metric(f"Accuracy on {len(ds)} test images", f"{res['accuracy']:.2%}",
 m[1].metric("MACs per image (at these settings)", f"{res['macs']['active'] / 1e6:.2f} M")
 m[2].metric("Params active", f"{res['macs']['params_active'] / 1e6:.3f} M")
 flag_row = report["balance"].iloc[-1]
-m[3].metric("Load balance", str(flag_row["flag"]))
+limits = (f"expert shares {flag_row['min_share']:.1%}–{flag_row['max_share']:.1%}; a block is flagged when one "
+          f"expert takes more than {flag_row['highest_allowed']:.1%} (sidebar) or less than "
+          f"{flag_row['lowest_allowed']:.1%}, collapsed at 90 %")
+m[3].metric("Load balance", str(flag_row["flag"]), help=limits)
 if flag_row["flag"] != "ok":
     st.warning(f"Expert load is **{flag_row['flag']}**: {flag_row['reason']}")
+else:
+    st.caption(f"Load balance ok: {limits}.")
 
 # ----------------------------------------------------------------------------- class x expert
 st.header("Who goes where")
@@ -137,7 +142,8 @@ st.header("Expert load and balance")
 left, right = st.columns([1.3, 1])
 left.plotly_chart(R.load_figure(report["load"]), key="load")
 with right:
-    bal = report["balance"][["layer", "min_share", "max_share", "cv2", "gini", "entropy_norm", "flag"]]
+    bal = report["balance"][["layer", "min_share", "max_share", "lowest_allowed", "highest_allowed", "cv2", "gini",
+                             "entropy_norm", "flag"]]
     st.dataframe(bal.round(3), hide_index=True)
     st.dataframe(report["entropy"][["layer", "mean_entropy", "marginal_entropy", "top1_entropy"]].round(3),
                  hide_index=True)
@@ -167,9 +173,18 @@ else:
 # ----------------------------------------------------------------------------- structure
 if len(layers) > 1:
     st.header("Layer-to-layer agreement")
-    st.plotly_chart(R.heatmap_figure(report["agreement"], title="P(top-1 of column block | top-1 of row block), "
-                                                                "best expert mapping", colorbar="agreement"),
-                    key="agreement")
+    if family == "mvmoe" and not cfg.get("per_layer_routers"):
+        st.caption(f"One shared router picks each image's experts for all MoE blocks ({', '.join(map(str, layers))}), "
+                   "so the blocks agree by construction (agreement 1). Train with per-layer routers "
+                   "(`--set per_layer_routers=true`) to see whether separate routers agree.")
+    else:
+        st.plotly_chart(R.heatmap_figure(report["agreement"], title="P(top-1 of column block | top-1 of row block), "
+                                                                    "best expert mapping", colorbar="agreement"),
+                        key="agreement")
+        st.caption("Experts of different blocks are different networks, so each row block's experts are first "
+                   "mapped to the column block's expert they co-occur with most; 1 = the column block's choice "
+                   "is a function of the row block's." + (" Items are tokens at the same position."
+                                                         if family == "vmoe" else ""))
 if "router_accuracy" in report:
     st.header("Router vs super-classes")
     st.dataframe(report["router_accuracy"].round(4), hide_index=True)

@@ -125,6 +125,21 @@ def test_load_balance_flags_the_collapsed_block_and_reports_it_in_the_all_row():
     assert bal.loc["1", "gini"] == pytest.approx(gini([0, 1, 19, 0]))
 
 
+def test_the_balance_table_shows_the_limits_its_flag_used():
+    bal = load_balance(summary([image_layer([0, 1, 2, 3] * 5, layer=0)], labels=[0] * 20), max_share=0.4)
+    row = bal.set_index("layer").loc["all"]
+    assert row["highest_allowed"] == 0.4 and row["lowest_allowed"] == pytest.approx(0.25 / 4)
+
+
+def test_heatmaps_use_categorical_axes():
+    import pandas as pd
+
+    from analysis.routing import heatmap_figure
+
+    fig = heatmap_figure(pd.DataFrame([[1.0, 0.5], [0.5, 1.0]], index=[4, 5], columns=[4, 5]))
+    assert fig.layout.xaxis.type == "category" and fig.layout.yaxis.type == "category"
+
+
 def test_disabled_experts_are_left_out_of_the_balance():
     lr = image_layer([0, 1, 2] * 4)                                   # expert 3 disabled, so unused
     bal = load_balance(summary([lr], labels=[0] * 12, disabled=[3])).set_index("layer")

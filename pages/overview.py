@@ -76,12 +76,14 @@ macs = card.get("macs") or {}
 params = card.get("params") or {}
 acc = (card.get("metrics") or {}).get("test_accuracy")
 
-c = st.columns(4)
-c[0].metric("Family", family)
-c[1].metric("Preset", card.get("preset") or "n/a")
-c[2].metric("Experts E / k", f"{cfg['num_experts']} / {cfg['top_k']}" if family != "vit" else "dense")
-c[3].metric("Test accuracy", f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "n/a")
-c = st.columns(4)
+# names can be long (presets, image-folder datasets): a table row wraps them, where metric tiles cut them off
+facts = {"Family": family, "Preset": card.get("preset") or "n/a",
+         "Experts E / k": f"{cfg['num_experts']} / {cfg['top_k']}" if family != "vit" else "dense",
+         "Dataset": card.get("dataset"),
+         "Test accuracy": f"{100 * acc:.2f} %" if isinstance(acc, (int, float)) else "n/a"}
+st.markdown("| " + " | ".join(facts) + " |\n" + "|---" * len(facts) + "|\n| "
+            + " | ".join(md(v).replace("|", "\\|") for v in facts.values()) + " |")
+c = st.columns(3)
 active, dense = macs.get("active"), macs.get("dense")
 c[0].metric("MACs per image (active)", _fmt(active),
             help="Multiply-accumulates per image actually run: attention, router and only the active experts.")
@@ -91,7 +93,6 @@ c[1].metric("MACs per image (dense equivalent)", _fmt(dense),
 c[2].metric("Parameters active / total",
             f"{_fmt(params.get('active', macs.get('params_active')), 3)} / "
             f"{_fmt(params.get('total', macs.get('params_total')), 3)}")
-c[3].metric("Dataset", str(card.get("dataset")))
 
 st.subheader("Architecture")
 model = get_model(path)

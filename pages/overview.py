@@ -13,7 +13,7 @@ FAMILY_TEXT = {
     "mvmoe": "Mobile V-MoE (Daxberger et al., 2023): per-**image** routing — one router reads a summary of "
              "the image and picks the experts the whole image uses in every MoE block.",
 }
-COLORS = {"dense": "#9fb3c8", "moe": "#e4873b", "io": "#d9d9d9", "router": "#3b6fb6"}
+COLORS = {"dense": "#b9cde0", "moe": "#f0a868", "io": "#e4e4e4", "router": "#1f4e96"}
 
 
 def _fmt(n, digits: int = 4) -> str:
@@ -36,7 +36,8 @@ def block_diagram(cfg: dict, moe_blocks: list[int]) -> go.Figure:
     for x, (text, kind) in enumerate(items):
         fig.add_shape(type="rect", x0=x - 0.42, x1=x + 0.42, y0=0, y1=1, fillcolor=COLORS[kind],
                       line=dict(color="#555", width=1), layer="below")
-        fig.add_annotation(x=x, y=0.5, text=text, showarrow=False, font=dict(size=11))
+        fig.add_annotation(x=x, y=0.5, text=f"<b>{text}</b>", showarrow=False,      # dark and bold: readable
+                           font=dict(size=14, color="#111"))
         if x:
             fig.add_annotation(x=x - 0.42, y=0.5, ax=x - 0.58, ay=0.5, xref="x", yref="y", axref="x", ayref="y",
                                showarrow=True, arrowhead=2, text="")
@@ -48,7 +49,7 @@ def block_diagram(cfg: dict, moe_blocks: list[int]) -> go.Figure:
             fig.add_annotation(x=x, y=1.0, ax=x, ay=1.6, xref="x", yref="y", axref="x", ayref="y",
                                text="", showarrow=True, arrowhead=0, arrowcolor=COLORS["router"], startstandoff=0)
         x0 = moe_blocks[0] + 0.5
-        fig.add_annotation(x=x0, y=1.75, showarrow=False, font=dict(color=COLORS["router"]),
+        fig.add_annotation(x=x0, y=1.75, showarrow=False, font=dict(color=COLORS["router"], size=14),
                            text=f"image router reads the {cfg.get('router_input', 'mean')} token summary "
                                 f"→ top-{cfg['top_k']} of {cfg['num_experts']} experts for all MoE blocks"
                            if not cfg.get("per_layer_routers") else "one image router per MoE block")
@@ -57,12 +58,12 @@ def block_diagram(cfg: dict, moe_blocks: list[int]) -> go.Figure:
             fig.add_annotation(x=b + 1, y=1.0, ax=b + 1, ay=1.5, xref="x", yref="y", axref="x", ayref="y",
                                text="", showarrow=True, arrowhead=2, arrowcolor=COLORS["router"])
         fig.add_annotation(x=(moe_blocks[0] + moe_blocks[-1]) / 2 + 1, y=1.7, showarrow=False,
-                           font=dict(color=COLORS["router"]),
+                           font=dict(color=COLORS["router"], size=14),
                            text=f"token router in each MoE block: every token → top-{cfg['top_k']} of "
                                 f"{cfg['num_experts']} experts (capacity ratio {cfg.get('eval_capacity_ratio')} at eval)")
     fig.update_xaxes(visible=False, range=[-0.6, len(items) - 0.4])
     fig.update_yaxes(visible=False, range=[-0.2, 2.0])
-    fig.update_layout(height=230, margin=dict(l=10, r=10, t=10, b=10), plot_bgcolor="white")
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=10, b=10), plot_bgcolor="white")
     return fig
 
 

@@ -39,10 +39,10 @@ def routing_churn(history: RoutingHistory, layer: Optional[int] = None) -> pd.Da
 def load_over_time(history: RoutingHistory, num_experts: int, layer: Optional[int] = None) -> pd.DataFrame:
     """Rows = epochs, columns = experts (+ "dropped"): the share of probe items each received."""
     e = _layer(history, layer)
+    if e.max() >= num_experts:     # before counting: rows of a bincount past E would not stack
+        raise ValueError(f"snapshots name expert {int(e.max())}, but the model has {num_experts} experts")
     flat = e.reshape(len(e), -1)
     counts = np.stack([np.bincount(np.where(r < 0, num_experts, r), minlength=num_experts + 1) for r in flat])
-    if counts.shape[1] > num_experts + 1:
-        raise ValueError(f"snapshots name expert {counts.shape[1] - 2}, but the model has {num_experts} experts")
     shares = counts / np.maximum(flat.shape[1], 1)
     cols = [str(i) for i in range(num_experts)] + ["dropped"]
     return pd.DataFrame(shares, index=pd.Index(history.epochs, name="epoch"), columns=cols)

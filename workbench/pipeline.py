@@ -198,22 +198,27 @@ def run(args: argparse.Namespace) -> dict:
                         {"assignment": assignment, "names": names}, t0)
 
 
+def dense_on_heldout(args, out: Path, train_set):
+    """-> (dense model, its card, the held-out part of the training split), for stages 2 and 3."""
+    from .checkpoint import load_checkpoint
+    from .data import heldout_split
+
+    model, card = load_checkpoint(out / "dense")
+    # NOTE: the same split as workbench.train --holdout (split seed 0, whatever --seed is),
+    # so the dense model never trained on these images.
+    _, held = heldout_split(len(train_set), args.holdout)
+    return model, card, train_set.subset(held)
+
+
 def heldout_confusion(args, out: Path, train_set) -> dict:
     """confusion.json: the dense baseline's confusion matrix on the held-out part of the training split."""
     import numpy as np
 
     from analysis.confusion import confusion_matrix, predict
 
-    from .checkpoint import load_checkpoint
-    from .data import heldout_split
-
     path = out / "confusion.json"
     if not path.exists():
-        model, _ = load_checkpoint(out / "dense")
-        # NOTE: the same split as workbench.train --holdout (split seed 0, whatever --seed is),
-        # so the confusion is measured on images the baseline never trained on.
-        _, held = heldout_split(len(train_set), args.holdout)
-        held_set = train_set.subset(held)
+        model, _, held_set = dense_on_heldout(args, out, train_set)
         preds, _ = predict(model, held_set.images, held_set.mean, held_set.std)
         cm = confusion_matrix(held_set.labels.numpy(), preds.numpy(), len(train_set.classes))
         atomic_write_json(path, {"split": "heldout", "holdout": args.holdout, "split_seed": 0,
@@ -258,14 +263,9 @@ def router_probe(args, out: Path, train_set, E: int) -> dict:
     position on the held-out images (what the router will read); {} when a named method is asked for."""
     from analysis.superclass_choice import AUTO, router_input_features
 
-    from .checkpoint import load_checkpoint
-    from .data import heldout_split
-
     if args.method != AUTO:
         return {}
-    model, card = load_checkpoint(out / "dense")
-    _, held = heldout_split(len(train_set), args.holdout)                 # the confusion's images
-    held_set = train_set.subset(held)
+    model, card, held_set = dense_on_heldout(args, out, train_set)        # the confusion's images
     moe = moe_preset(card["preset"], E, args.top_k)
     return {"features": router_input_features(model, held_set, moe), "labels": held_set.labels.numpy()}
 

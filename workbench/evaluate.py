@@ -8,11 +8,15 @@ from .data import augment, normalize
 from .device import autocast, resolve_precision
 
 
-def to_batch(dataset, idx, device, generator=None):
-    """uint8 images at `idx` -> normalised (and, with a generator, augmented) float batch + labels."""
+def to_batch(dataset, idx, device, generator=None, augmentation: str = "crop-flip"):
+    """uint8 images at `idx` -> normalised (and, with a generator, augmented) float batch + labels.
+
+    `augmentation` (TrainConfig.AUGMENTATIONS): "crop-flip" (random crop after padding 2,
+    plus a flip where the dataset allows it), "flip" (the flip alone) or "none".
+    """
     x = normalize(dataset.images[idx], dataset.mean, dataset.std)
-    if generator is not None:
-        x = augment(x, dataset.hflip, generator)
+    if generator is not None and augmentation != "none":
+        x = augment(x, dataset.hflip, generator, pad=2 if augmentation == "crop-flip" else 0)
     return x.to(device, non_blocking=True), dataset.labels[idx].to(device, non_blocking=True)
 
 

@@ -332,7 +332,7 @@ def train_step(run: Run, order, i: int, epoch: int) -> dict:
     cfg, procs, plan, step = run.cfg, run.procs, run.plan, run.state.step
     idx = order[i * plan.batch_size:(i + 1) * plan.batch_size][procs.rank::procs.world]
     x, y = to_batch(plan.train_set, idx, procs.device,
-                    torch.Generator().manual_seed(_seed(cfg.seed, step, procs.rank, 1)))
+                    torch.Generator().manual_seed(_seed(cfg.seed, step, procs.rank, 1)), cfg.augmentation)
     torch.manual_seed(_seed(cfg.seed, step, procs.rank, 2))  # router noise
     lr = lr_at(step, plan.total_steps, plan.warmup, cfg.lr, cfg.min_lr)
     for g in run.optimizer.param_groups:
@@ -417,7 +417,8 @@ def card_for(run: Run, metrics: dict) -> dict:
         "wall_time_s": round(run.wall(), 1), "version": __version__,
         "training": {"epochs": plan.epochs, "steps": run.state.step, "batch_size": plan.batch_size, "lr": cfg.lr,
                      "min_lr": cfg.min_lr, "weight_decay": cfg.weight_decay, "warmup_steps": plan.warmup,
-                     "label_smoothing": cfg.label_smoothing, "seed": cfg.seed, "holdout": cfg.holdout,
+                     "label_smoothing": cfg.label_smoothing, "augmentation": cfg.augmentation,
+                     "seed": cfg.seed, "holdout": cfg.holdout,
                      "precision": "bf16" if run.procs.amp_dtype is not None else "fp32",
                      "world_size": run.procs.world},
     }

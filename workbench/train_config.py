@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "vit-6x96"
 DEFAULT_DATASET = "fashion-mnist"
 PRECISIONS = ("auto", "fp32", "bf16")
+AUGMENTATIONS = ("crop-flip", "flip", "none")
 DATA_FIELDS = ("num_classes", "img_size", "in_chans")  # ModelConfig fields the dataset decides
 MAX_THREADS = 1024
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -68,6 +69,7 @@ class TrainConfig:
     warmup_epochs: Optional[float] = None   # linear warmup length in epochs
     warmup_steps: Optional[int] = None      # linear warmup length in steps (None: 5% of all steps)
     label_smoothing: float = 0.1            # cross-entropy label smoothing, in [0, 1)
+    augmentation: str = "crop-flip"         # crop-flip | flip | none (training batches only)
     clip_grad: float = 1.0                  # max gradient norm (0: off)
     seed: int = 0                           # weights, shuffles, augmentation and router noise
     # --- run
@@ -106,6 +108,8 @@ class TrainConfig:
         _number("weight_decay", self.weight_decay, 0.0, math.inf)
         _number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         _number("clip_grad", self.clip_grad, 0.0, math.inf)
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"--augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if self.warmup_epochs is not None:
             _number("warmup_epochs", self.warmup_epochs, 0.0, math.inf)
         if self.warmup_steps is not None:
@@ -288,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup length in steps (default: 5%% of all steps)")
     o.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="in [0, 1)")
+    o.add_argument("--augmentation", choices=AUGMENTATIONS, default=d.augmentation,
+                   help="training-batch augmentation: random crop (pad 2) + flip, the flip alone, or none "
+                        "(the flip only where the dataset allows it)")
     o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
     r = p.add_argument_group("run")

@@ -16,13 +16,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 import torch.nn as nn
 
 from .collect import force_expert, predict_logits, routing_overrides
 
-__all__ = ["per_class_accuracy", "expert_ablation", "impact_matrix", "impact_figure", "forced_vs_disabled_gap",
+__all__ = ["per_class_accuracy", "expert_ablation", "impact_matrix", "forced_vs_disabled_gap",
            "oracle_routing"]
 
 
@@ -79,17 +78,6 @@ def impact_matrix(ablation: pd.DataFrame, value: str = "delta") -> pd.DataFrame:
     m = d.pivot(index="class", columns="expert", values=value).reindex(order)
     m.columns.name, m.index.name = "disabled expert", "class"
     return m
-
-
-def impact_figure(matrix: pd.DataFrame, title: str = "Accuracy change when an expert is disabled") -> go.Figure:
-    """Diverging heatmap of an `impact_matrix` (red: the class loses accuracy)."""
-    z = matrix.to_numpy(dtype=float)
-    lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-    fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in matrix.columns], y=[str(i) for i in matrix.index],
-                               zmin=-lim, zmax=lim, colorscale="RdBu", colorbar={"title": "Δ accuracy"},
-                               hovertemplate="class %{y}, expert %{x} off: %{z:+.1%}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="disabled expert", yaxis_title="class", yaxis_autorange="reversed")
-    return fig
 
 
 def forced_vs_disabled_gap(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], expert: int,

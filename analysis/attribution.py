@@ -10,20 +10,19 @@ Captum Insights): Integrated Gradients (Sundararajan et al., 2017), Saliency
 (|gradient|, Simonyan et al., 2014) and Occlusion (Zeiler & Fergus, 2014).
 
 Attributions are w.r.t. the normalised input and come back with the shape of
-the image passed in; `overlay_figure` draws one over the image in grey.
+the image passed in; `pages.figures.overlay_figure` draws one over the image in grey.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 import torch.nn as nn
 
 from .collect import _eval_mode, normalize_images
 
-__all__ = ["RouterLogits", "attribute", "class_attribution", "router_attribution", "overlay_figure",
+__all__ = ["RouterLogits", "attribute", "class_attribution", "router_attribution",
            "region_share", "METHODS"]
 
 METHODS = ("ig", "saliency", "occlusion")
@@ -179,26 +178,3 @@ def region_share(attribution, mask) -> float:
     a = a.reshape(-1, *a.shape[-2:]).sum(0)
     total = a.sum()
     return float(a[np.asarray(mask, dtype=bool)].sum() / total) if total > 0 else 0.0
-
-
-def overlay_figure(image, attribution, *, title: str = "", opacity: float = 0.6, signed: bool = True):
-    """The image in grey with the attribution (summed over channels) as a heatmap on top.
-
-    signed=True: diverging colours centred at 0 (red pushes the logit up,
-    blue down); False: |attribution|.
-    """
-    img = np.asarray(image, dtype=np.float64)
-    img = img.reshape(-1, *img.shape[-2:]).mean(0)
-    a = np.asarray(attribution, dtype=np.float64)
-    a = a.reshape(-1, *a.shape[-2:]).sum(0)
-    if not signed:
-        a = np.abs(a)
-    lim = float(np.abs(a).max()) or 1.0
-    fig = go.Figure()
-    fig.add_heatmap(z=img, colorscale="gray", showscale=False, hoverinfo="skip")
-    fig.add_heatmap(z=a, zmin=-lim if signed else 0, zmax=lim, opacity=opacity,
-                    colorscale="RdBu_r" if signed else "Reds", colorbar={"title": "attribution"},
-                    hovertemplate="(%{y}, %{x}): %{z:.3g}<extra></extra>")
-    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, yaxis_autorange="reversed",
-                      yaxis_scaleanchor="x", width=420, height=400)
-    return fig

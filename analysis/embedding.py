@@ -6,12 +6,13 @@ neighbour graph or UMAP fails. `embedding_frame` does this for a
 `RoutingSummary` (source "router_input": the per-image summary the first
 router read; "features": the final class token) and returns a DataFrame with
 x, y, class, super-class, expert and whether the prediction was right, ready for
-`embedding_figure`. Results are cached on disk as .npy + .json (never pickle),
+`pages.figures.embedding_figure`. Results are cached on disk as .npy + .json (never pickle),
 keyed by checkpoint sha256, split and every setting.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -19,11 +20,12 @@ from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
+
+from workbench.runs import atomic_write_bytes, atomic_write_json
 
 from .collect import RoutingSummary
 
-__all__ = ["embed", "embedding_frame", "embedding_figure", "default_cache_dir", "MIN_UMAP_POINTS"]
+__all__ = ["embed", "embedding_frame", "default_cache_dir", "MIN_UMAP_POINTS"]
 
 MIN_UMAP_POINTS = 20       # below this a k-NN graph says little: use PCA
 
@@ -90,6 +92,59 @@ def _cache_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _embedding_input(summary: RoutingSummary, source: str, layer: Optional[int]) -> np.ndarray:
+    """The vectors to embed: the router input of block `layer`, or the final class token."""
+    if source == "features":
+        return summary.features
+    if source == "router_input":
+        lr = summary.layer(layer)
+        if lr.router_input is None:
+            raise ValueError(f"block {lr.layer} recorded no router input")
+        return lr.router_input
+    raise ValueError(f"source must be 'router_input' or 'features', got {source!r}")
+
+
+def _cached_embed(x: np.ndarray, settings: dict, cache_dir: Optional[Path], **embed_args) -> tuple:
+    """`embed(x)`, read from / written to `cache_dir` as <key>.npy + <key>.json when given.
+
+    -> (xy, method used, whether it came from the cache). An unreadable or
+    mismatched entry is recomputed and overwritten.
+    """
+    if cache_dir is None:
+        return (*embed(x, **embed_args), False)
+    key = _cache_key(settings)
+    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if npy.is_file() and meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+            arr = np.load(npy, allow_pickle=False)
+            if info.get("settings") == json.loads(json.dumps(settings)) and arr.shape == (len(x), 2):
+                return arr, info["method_used"], True
+        except (OSError, ValueError, KeyError):
+            pass                                            # unreadable cache entry: recompute
+    xy, used = embed(x, **embed_args)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, xy, allow_pickle=False)
+    atomic_write_bytes(npy, buf.getvalue())
+    atomic_write_json(meta, {"settings": settings, "method_used": used})
+    return xy, used, False
+
+
+def _image_expert(summary: RoutingSummary, layer: Optional[int]) -> np.ndarray:
+    """Each image's first-choice expert at block `layer` (per token: its most frequent first
+    choice over patch tokens); -1 for a dense model."""
+    if not summary.layers:
+        return np.full(len(summary.labels), -1)
+    lr = summary.layer(layer)
+    top1 = lr.top1
+    if lr.per_token:
+        counts = np.zeros((len(top1), lr.num_experts), dtype=np.int64)
+        np.add.at(counts, (np.repeat(np.arange(len(top1)), top1.shape[1] - 1), top1[:, 1:].ravel()), 1)
+        top1 = counts.argmax(1)
+    return top1.astype(int)
+
+
 def embedding_frame(
     summary: RoutingSummary,
     source: str = "router_input",
@@ -113,42 +168,15 @@ def embedding_frame(
     cached under `cache_dir` (default `.cache/embeddings`), keyed by the sha,
     `split`, the source and every setting, as <key>.npy + <key>.json.
     """
-    if source == "features":
-        x = summary.features
-    elif source == "router_input":
-        lr = summary.layer(layer)
-        x = lr.router_input
-        if x is None:
-            raise ValueError(f"block {lr.layer} recorded no router input")
-    else:
-        raise ValueError(f"source must be 'router_input' or 'features', got {source!r}")
+    x = _embedding_input(summary, source, layer)
     settings = {"checkpoint": checkpoint_sha, "split": split, "source": source, "layer": layer, "method": method,
                 "n_neighbors": n_neighbors, "min_dist": min_dist, "seed": seed, "n": int(len(x)),
                 "routing": summary.settings, "version": 1}
-    xy = used = None
-    path = None
+    folder = None
     if checkpoint_sha:
-        path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        key = _cache_key(settings)
-        npy, meta = path / f"{key}.npy", path / f"{key}.json"
-        if npy.is_file() and meta.is_file():
-            try:
-                info = json.loads(meta.read_text())
-                arr = np.load(npy, allow_pickle=False)
-                if info.get("settings") == json.loads(json.dumps(settings)) and arr.shape == (len(x), 2):
-                    xy, used = arr, info["method_used"]
-            except (OSError, ValueError, KeyError):
-                xy = None                                   # unreadable cache entry: recompute
-    cached = xy is not None
-    if xy is None:
-        xy, used = embed(x, method, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed)
-        if path is not None:
-            path.mkdir(parents=True, exist_ok=True)
-            tmp = path / f".{key}.{np.random.randint(1 << 30)}.npy"
-            np.save(tmp, xy, allow_pickle=False)
-            tmp.replace(npy)
-            meta.write_text(json.dumps({"settings": settings, "method_used": used}, sort_keys=True))
-
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    xy, used, cached = _cached_embed(x, settings, folder, method=method, n_neighbors=n_neighbors,
+                                     min_dist=min_dist, seed=seed)
     names = summary.class_names()
     df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "index": np.arange(len(xy))})
     df["class"] = [names[c] for c in summary.labels]
@@ -158,32 +186,7 @@ def embedding_frame(
         df["superclass"] = [gnames[g] if gnames else str(g) for g in sc]
     else:
         df["superclass"] = "—"
-    if summary.layers:
-        lr = summary.layer(layer)
-        top1 = lr.top1
-        if lr.per_token:                                   # an image's most frequent first choice
-            counts = np.zeros((len(top1), lr.num_experts), dtype=np.int64)
-            np.add.at(counts, (np.repeat(np.arange(len(top1)), top1.shape[1] - 1), top1[:, 1:].ravel()), 1)
-            top1 = counts.argmax(1)
-        df["expert"] = top1.astype(int)
-    else:
-        df["expert"] = -1
+    df["expert"] = _image_expert(summary, layer)
     df["correct"] = summary.predictions == summary.labels
     df.attrs.update(method=used, source=source, cached=cached)
     return df
-
-
-def embedding_figure(df: pd.DataFrame, color: str = "expert", title: str = ""):
-    """Scatter of an `embedding_frame`, coloured by "expert", "class", "superclass" or "correct"."""
-    if color not in ("expert", "class", "superclass", "correct"):
-        raise ValueError(f"color must be expert, class, superclass or correct, got {color!r}")
-    d = df.copy()
-    d[color] = d[color].astype(str)                       # categorical colours, also for experts
-    fig = px.scatter(d, x="x", y="y", color=color, hover_data=["index", "class", "superclass", "expert", "correct"],
-                     render_mode="webgl", opacity=0.7,
-                     category_orders={color: sorted(d[color].unique(), key=lambda s: (len(s), s))})
-    method = df.attrs.get("method", "")
-    fig.update_layout(title=title or f"{method.upper()} of {df.attrs.get('source', '')}",
-                      xaxis_title=f"{method} 1", yaxis_title=f"{method} 2")
-    fig.update_traces(marker_size=4)
-    return fig

@@ -1,8 +1,8 @@
 """Routing statistics: what the routers of a V-MoE / Mobile V-MoE learned.
 
 All functions read a `RoutingSummary` (analysis/collect.py: one batched pass
-over a split) or plain numpy arrays, and return DataFrames, arrays or plotly
-figures. Units: entropies and mutual information in bits.
+over a split) or plain numpy arrays, and return DataFrames or arrays
+(pages/figures.py draws them). Units: entropies and mutual information in bits.
 
 - who goes where: `class_expert_counts` (class or super-class x expert, raw
   or normalised either way), `image_expert_counts`, `spatial_expert_maps`
@@ -24,7 +24,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 
 from workbench.models import RoutingRecord
 
@@ -35,7 +34,7 @@ __all__ = [
     "imbalance_flag", "load_balance", "entropy_bits", "routing_entropy", "capacity_drops", "drop_summary",
     "compare_batch_priority", "spatial_expert_maps", "mapped_agreement", "normalized_mutual_info",
     "layer_agreement", "router_superclass_accuracy", "mutual_information", "expert_specialisation",
-    "routing_report", "heatmap_figure", "load_figure", "spatial_map_figure",
+    "routing_report",
 ]
 
 
@@ -542,61 +541,3 @@ def routing_report(summary: RoutingSummary, *, max_share: Optional[float] = None
     if summary.family == "vmoe":
         report["spatial_maps"] = spatial_expert_maps(summary)
     return report
-
-
-# =========================================================================== figures
-def heatmap_figure(df: pd.DataFrame, title: str = "", colorbar: str = "") -> go.Figure:
-    """A labelled heatmap of a group x expert (or block x block) table."""
-    fig = go.Figure(go.Heatmap(
-        z=df.to_numpy(), x=[str(c) for c in df.columns], y=[str(i) for i in df.index], colorscale="Blues",
-        colorbar={"title": colorbar}, hovertemplate="%{y} / %{x}: %{z:.3g}<extra></extra>",
-    ))
-    # categorical axes: block and expert numbers are labels, not positions ("3.5" ticks between blocks 3 and 4)
-    fig.update_layout(title=title, xaxis_title=str(df.columns.name or ""), yaxis_title=str(df.index.name or ""),
-                      xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed")
-    return fig
-
-
-def load_figure(load: pd.DataFrame, title: str = "Expert load per MoE block") -> go.Figure:
-    """Grouped bars of each expert's share per block, with the uniform share as a dashed line."""
-    fig = go.Figure()
-    for layer, d in load.groupby("layer"):
-        fig.add_bar(x=d["expert"].astype(str), y=d["share"], name=f"block {layer}",
-                    customdata=d["count"], hovertemplate="expert %{x}: %{y:.1%} (%{customdata:.0f})<extra></extra>")
-    E = load["expert"].nunique() if len(load) else 1
-    fig.add_hline(y=1 / E, line_dash="dash", annotation_text="uniform")
-    fig.update_layout(title=title, barmode="group", xaxis_title="expert", yaxis_title="share of assignments",
-                      yaxis_tickformat=".0%")
-    return fig
-
-
-def spatial_map_figure(image, expert_map, num_experts: int, *, class_token_expert: Optional[int] = None,
-                       opacity: float = 0.45, title: str = "") -> go.Figure:
-    """The image in grey with its patch grid coloured by expert (-1 = dropped, drawn as no colour)."""
-    import plotly.express as px
-
-    img = np.asarray(image, dtype=np.float64)
-    if img.ndim == 3:
-        img = img.mean(0)                                                  # (C, H, W) -> grey
-    H, W = img.shape
-    grid = np.asarray(expert_map)
-    g = grid.shape[0]
-    patch = H / g
-    palette = (px.colors.qualitative.Plotly + px.colors.qualitative.Dark24)[:max(num_experts, 1)]
-    # discrete colour scale: one band per expert
-    scale = []
-    for e, c in enumerate(palette):
-        scale += [[e / num_experts, c], [(e + 1) / num_experts, c]]
-    z = np.where(grid < 0, np.nan, grid + 0.5)
-    centers = (np.arange(g) + 0.5) * patch - 0.5
-    fig = go.Figure()
-    fig.add_heatmap(z=img, colorscale="gray", showscale=False, hoverinfo="skip")
-    fig.add_heatmap(z=z, x=centers, y=centers, zmin=0, zmax=num_experts, colorscale=scale, opacity=opacity,
-                    colorbar={"title": "expert", "tickvals": np.arange(num_experts) + 0.5,
-                              "ticktext": [str(e) for e in range(num_experts)]},
-                    customdata=grid, hovertemplate="patch (%{y:.0f}, %{x:.0f}): expert %{customdata}<extra></extra>")
-    sub = "" if class_token_expert is None else (
-        f" — class token: {'dropped' if class_token_expert < 0 else f'expert {class_token_expert}'}")
-    fig.update_layout(title=(title or "Expert per patch") + sub, xaxis_visible=False, yaxis_visible=False,
-                      yaxis_autorange="reversed", yaxis_scaleanchor="x", width=420, height=400)
-    return fig

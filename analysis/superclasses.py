@@ -23,8 +23,8 @@ Two fixes make that hold on any matrix, including classes never confused:
   largest group sheds the member least tied to it; while too many, the
   smallest group merges into the group it is most confused with.
 
-`confusion_graph_layout` and `confusion_graph_figure` draw the graph (plotly)
-for the app's Confusion graph page and for notebooks.
+`confusion_graph_layout` places the graph's nodes; `pages.figures.confusion_graph_figure`
+draws it for the app's Confusion graph page and for notebooks.
 """
 from __future__ import annotations
 
@@ -36,8 +36,6 @@ from typing import Callable, Optional, Sequence
 import networkx as nx
 import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 from networkx.algorithms import community as nx_comm
 from sklearn.cluster import AgglomerativeClustering, SpectralClustering
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -339,57 +337,9 @@ def order_by_groups(assignment: Sequence[int]) -> list[int]:
     return np.argsort(a, kind="stable").tolist()
 
 
-PALETTE = px.colors.qualitative.Plotly + px.colors.qualitative.Set3 + px.colors.qualitative.Dark24
 
 
 def confusion_graph_layout(cm, class_names: Optional[Sequence[str]] = None, seed: int = 0) -> dict:
     """Node -> (x, y): a spring layout of the confusion graph, so confused classes sit close together."""
     g = confusion_graph(cm, class_names)
     return {int(k): tuple(map(float, v)) for k, v in nx.spring_layout(g, weight="weight", seed=seed).items()}
-
-
-def confusion_graph_figure(g: nx.Graph, pos: dict, groups: Optional[Sequence[int]] = None,
-                           group_names: Sequence[str] = (), selected: Optional[int] = None) -> go.Figure:
-    """The confusion graph as a plotly network: node size = class accuracy, edge width = confusion
-    rate (4 width bins), colour = super-class; nodes carry their class index as customdata."""
-    fig = go.Figure()
-    edges = sorted(g.edges(data=True), key=lambda e: e[2]["weight"])
-    wmax = max((d["weight"] for *_, d in edges), default=1.0) or 1.0
-    for lo, hi, width in ((0.0, 0.25, 1), (0.25, 0.5, 2.5), (0.5, 0.75, 4.5), (0.75, 1.01, 7)):
-        xs, ys = [], []
-        for i, j, d in edges:
-            if lo <= d["weight"] / wmax < hi:
-                xs += [pos[i][0], pos[j][0], None]
-                ys += [pos[i][1], pos[j][1], None]
-        if xs:
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(width=width, color="rgba(120,120,120,0.55)"),
-                                     hoverinfo="skip", showlegend=False))
-    mids = [((pos[i][0] + pos[j][0]) / 2, (pos[i][1] + pos[j][1]) / 2,
-             f"{g.nodes[i]['name']} ↔ {g.nodes[j]['name']}<br>rate {d['weight']:.3f} · {d['count']:.0f} images")
-            for i, j, d in edges]
-    if mids:
-        fig.add_trace(go.Scatter(x=[m[0] for m in mids], y=[m[1] for m in mids], mode="markers",
-                                 marker=dict(size=6, opacity=0), hovertext=[m[2] for m in mids], hoverinfo="text",
-                                 showlegend=False))
-    nodes = list(g.nodes)
-    acc = [g.nodes[n]["accuracy"] for n in nodes]
-    size = [12 + 30 * (a if a == a else 0) for a in acc]
-    ngroups = sorted(set(groups)) if groups is not None else [None]
-    for grp in ngroups:
-        members = [n for n in nodes if groups is None or groups[n] == grp]
-        label = "classes" if grp is None else (group_names[grp] if grp < len(group_names) else f"group {grp}")
-        fig.add_trace(go.Scatter(
-            x=[pos[n][0] for n in members], y=[pos[n][1] for n in members], mode="markers+text",
-            text=[g.nodes[n]["name"] for n in members], textposition="top center",
-            marker=dict(size=[size[nodes.index(n)] for n in members],
-                        color=PALETTE[0 if grp is None else grp % len(PALETTE)],
-                        line=dict(width=[4 if n == selected else 1 for n in members],
-                                  color=["black" if n == selected else "white" for n in members])),
-            customdata=members,
-            hovertext=[f"{g.nodes[n]['name']}<br>accuracy {g.nodes[n]['accuracy']:.1%}" for n in members],
-            hoverinfo="text", name=f"{grp}: {label}" if grp is not None else label))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, scaleanchor="x")
-    fig.update_layout(height=560, margin=dict(l=0, r=0, t=10, b=0), plot_bgcolor="white",
-                      legend=dict(orientation="h", y=-0.05))
-    return fig

@@ -7,7 +7,7 @@
   pass, so dropped tokens are not counted.
 - `checkpoint_table`: one row per checkpoint (card `metrics.test_accuracy` and
   `macs.active`, recomputed when missing), `pareto_frontier`, `moe_gains`
-  (MoE minus the dense model of the same shape), and `tradeoff_figure`.
+  (MoE minus the dense model of the same shape); `pages.figures.tradeoff_figure` draws them.
 - `paper_reference`: the two gains quoted in the Mobile V-MoE abstract
   (Daxberger et al., arXiv 2309.04354) — the only published numbers used here.
 
@@ -21,20 +21,12 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch.nn as nn
 
 from .collect import collect_routing, routing_overrides
 
-__all__ = ["sweep_routing", "sweep_figure", "checkpoint_table", "pareto_frontier", "moe_gains",
-           "paper_reference", "tradeoff_figure", "ROUTING_STYLE"]
-
-ROUTING_STYLE = {  # one colour + marker per routing kind, used by every figure here
-    "dense": ("#636EFA", "circle"),
-    "per-image": ("#EF553B", "diamond"),
-    "per-token": ("#00CC96", "square"),
-}
-
+__all__ = ["sweep_routing", "checkpoint_table", "pareto_frontier", "moe_gains",
+           "paper_reference"]
 
 def _input_shape(model: nn.Module) -> tuple:
     c = model.cfg
@@ -79,22 +71,6 @@ def sweep_routing(model: nn.Module, images, labels, mean: Sequence[float], std: 
                          "relative_macs": macs["active"] / macs["dense"], "params_active": macs["params_active"],
                          "drop_rate": float((~kept).mean())})
     return pd.DataFrame(rows)
-
-
-def sweep_figure(sweep: pd.DataFrame, title: str = "Inference-time routing sweep") -> go.Figure:
-    """Accuracy vs active MACs, one line per capacity ratio, points labelled by k."""
-    fig = go.Figure()
-    groups = sweep.groupby(sweep["capacity_ratio"].fillna(-1), sort=True)
-    for ratio, d in groups:
-        name = "per image (no capacity)" if ratio < 0 else f"C = {ratio:g}"
-        fig.add_scatter(x=d["macs_active"], y=d["accuracy"], mode="lines+markers+text", name=name,
-                        text=[f"k={k}" for k in d["k"]], textposition="top center",
-                        customdata=np.stack([d["k"], d["drop_rate"]], -1),
-                        hovertemplate="k=%{customdata[0]}, drops %{customdata[1]:.1%}<br>"
-                                      "%{x:.3s} MACs, accuracy %{y:.2%}<extra>" + name + "</extra>")
-    fig.update_layout(title=title, xaxis_title="active MACs per image", yaxis_title="accuracy",
-                      yaxis_tickformat=".0%")
-    return fig
 
 
 # =========================================================================== checkpoints
@@ -142,6 +118,7 @@ def checkpoint_table(checkpoints: Iterable[Union[str, Path, dict]], *,
             "macs_active": _get(card, "macs", "active"), "macs_dense": _get(card, "macs", "dense"),
             "params_total": _get(card, "params", "total"), "params_active": _get(card, "params", "active"),
             "path": str(path) if path else None, "source": "card",
+            **_seed_columns(card),
         }
         need_macs = recompute or row["macs_active"] is None
         need_acc = recompute or row["accuracy"] is None
@@ -166,12 +143,27 @@ def checkpoint_table(checkpoints: Iterable[Union[str, Path, dict]], *,
                 row["source"] = "recomputed: " + ", ".join(recomputed)
         rows.append(row)
     df = pd.DataFrame(rows)
-    for col in ("accuracy", "macs_active", "macs_dense"):
+    for col in ("accuracy", "accuracy_mean", "macs_active", "macs_dense"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     if len(df):
-        df["pareto"] = pareto_frontier(df)
+        df["pareto"] = pareto_frontier(df, y="accuracy_mean")
     return df
+
+
+def _seed_columns(card: dict) -> dict:
+    """The spread over seeds a grid card carries (`seeds`: one entry per seed of the same recipe):
+    mean ± std of test accuracy and of the paired difference to dense; one seed -> std NaN."""
+    seeds = card.get("seeds") or []
+    acc = [s["test_accuracy"] for s in seeds if s.get("test_accuracy") is not None]
+    delta = [s["delta_vs_dense"] for s in seeds if s.get("delta_vs_dense") is not None]
+    return {"n_seeds": len(acc) or 1,
+            "seed_accuracies": acc or None,
+            "accuracy_mean": float(np.mean(acc)) if acc else _get(card, "metrics", "test_accuracy"),
+            "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else float("nan"),
+            "gain_mean": float(np.mean(delta)) if delta else float("nan"),
+            "gain_std": float(np.std(delta, ddof=1)) if len(delta) > 1 else float("nan"),
+            "n_pairs": len(delta)}
 
 
 def pareto_frontier(df: pd.DataFrame, x: str = "macs_active", y: str = "accuracy") -> pd.Series:
@@ -189,8 +181,11 @@ def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
     """Each MoE checkpoint minus the best dense checkpoint of the same depth x width and dataset.
 
     Columns: name, dense_name, routing, macs_active, gain (accuracy points as a
-    fraction, MoE - dense).
+    fraction, MoE - dense), gain_std, n. A grid card with seeds gives the mean of
+    the paired per-seed differences (same seed, same data order) and their std;
+    otherwise the gain is one difference (n = 1, std NaN).
     """
+    cols = ["name", "dense_name", "routing", "macs_active", "gain", "gain_std", "n"]
     rows = []
     dense = df[df["routing"] == "dense"].dropna(subset=["accuracy"])
     for _, r in df[df["routing"] != "dense"].dropna(subset=["accuracy"]).iterrows():
@@ -199,9 +194,14 @@ def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
         if match.empty:
             continue
         best = match.loc[match["accuracy"].idxmax()]
+        paired = r.get("n_pairs", 0) or 0
+        if paired:
+            gain, std, n = r["gain_mean"], r["gain_std"], paired
+        else:
+            gain, std, n = r["accuracy"] - best["accuracy"], float("nan"), 1
         rows.append({"name": r["name"], "dense_name": best["name"], "routing": r["routing"],
-                     "macs_active": r["macs_active"], "gain": r["accuracy"] - best["accuracy"]})
-    return pd.DataFrame(rows, columns=["name", "dense_name", "routing", "macs_active", "gain"])
+                     "macs_active": r["macs_active"], "gain": gain, "gain_std": std, "n": int(n)})
+    return pd.DataFrame(rows, columns=cols)
 
 
 @functools.lru_cache(maxsize=1)
@@ -230,65 +230,3 @@ def paper_reference() -> pd.DataFrame:
          "macs_source": "54M FLOPs as stated in the abstract",
          "source": "Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k"},
     ])
-
-
-def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_reference_trace: bool = False,
-                    title: str = "Accuracy vs active MACs per image") -> go.Figure:
-    """Accuracy vs active MACs (log x), one colour/marker per routing kind, Pareto frontier.
-
-    paper_reference_trace=True adds a lower panel "MoE − dense gain": this
-    table's gains (`moe_gains`) and, clearly labelled, the two gains from the
-    Mobile V-MoE abstract (ImageNet-1k; not comparable in absolute terms).
-    """
-    from plotly.subplots import make_subplots
-
-    gains = moe_gains(df) if len(df) else pd.DataFrame()
-    two = paper_reference_trace or not gains.empty
-    fig = make_subplots(rows=2 if two else 1, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35] if two else None,
-                        vertical_spacing=0.08,
-                        subplot_titles=[title] + (["MoE − dense accuracy gain (same depth × width)"] if two else []))
-    for kind, (color, symbol) in ROUTING_STYLE.items():
-        d = df[df["routing"] == kind] if len(df) else df
-        if d.empty:
-            continue
-        custom = np.stack([d["name"].astype(str), d["preset"].astype(str), d["top_k"].astype(str),
-                           d["params_total"].astype(str), d["params_active"].astype(str), d["source"].astype(str),
-                           d["dataset"].astype(str)], -1)
-        fig.add_scatter(x=d["macs_active"], y=d["accuracy"], mode="markers", name=kind,
-                        marker={"color": color, "symbol": symbol, "size": 11, "line": {"width": 1, "color": "white"}},
-                        customdata=custom, row=1, col=1,
-                        hovertemplate="<b>%{customdata[0]}</b> (%{customdata[1]}, %{customdata[6]})<br>"
-                                      "k=%{customdata[2]}<br>%{x:.3s} MACs/image, accuracy %{y:.2%}<br>"
-                                      "params %{customdata[3]} total, %{customdata[4]} active<br>"
-                                      "%{customdata[5]}<extra>" + kind + "</extra>")
-    if show_frontier and "pareto" in df and df["pareto"].any():
-        f = df[df["pareto"]].sort_values("macs_active")
-        fig.add_scatter(x=f["macs_active"], y=f["accuracy"], mode="lines", name="Pareto frontier",
-                        line={"dash": "dot", "color": "grey"}, hoverinfo="skip", row=1, col=1)
-    if two:
-        for kind in ("per-image", "per-token"):
-            g = gains[gains["routing"] == kind] if not gains.empty else gains
-            if g.empty:
-                continue
-            color, symbol = ROUTING_STYLE[kind]
-            fig.add_scatter(x=g["macs_active"], y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
-                            marker={"color": color, "symbol": symbol, "size": 9}, customdata=g[["name", "dense_name"]],
-                            hovertemplate="%{customdata[0]} − %{customdata[1]}: %{y:+.2f} pp<extra></extra>",
-                            row=2, col=1)
-        if paper_reference_trace:
-            ref = paper_reference()
-            fig.add_scatter(x=ref["macs"], y=ref["gain"] * 100, mode="markers+text", row=2, col=1,
-                            name="paper: MoE − dense gain (ImageNet-1k, from the abstract)",
-                            marker={"symbol": "star", "size": 13, "color": "black"},
-                            text=[f"{lab}: +{g * 100:.2f} pp" for lab, g in zip(ref["label"], ref["gain"])],
-                            textposition="top center", customdata=ref[["macs_source"]],
-                            hovertemplate="Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k<br>"
-                                          "%{text}<br>x: %{customdata[0]}<extra></extra>")
-        fig.add_hline(y=0, line_color="lightgrey", row=2, col=1)
-        fig.update_yaxes(title_text="gain (accuracy points)", row=2, col=1)
-    fig.update_xaxes(type="log", title_text="active MACs per image (log)", row=2 if two else 1, col=1)
-    if two:
-        fig.update_xaxes(type="log", row=1, col=1)
-    fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=1)
-    fig.update_layout(legend={"orientation": "h", "y": -0.15}, height=650 if two else 450)
-    return fig

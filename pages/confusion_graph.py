@@ -5,7 +5,8 @@ import plotly.express as px
 import streamlit as st
 
 from analysis.confusion import normalize_rows, per_class_accuracy
-from analysis.superclasses import confusion_graph, confusion_graph_figure, confusion_graph_layout, order_by_groups
+from analysis.superclasses import confusion_graph, confusion_graph_layout, order_by_groups
+from pages.figures import confusion_graph_figure
 from pages.common import (checkpoint_picker, confusion_picker, group_sources, linked_selectbox, load_eval_data, md,
                           need, open_checkpoint, set_selection)
 

@@ -8,10 +8,11 @@ import plotly.express as px
 import streamlit as st
 import torch
 
-from analysis.attribution import METHODS, class_attribution, overlay_figure, router_attribution
+from analysis.attribution import METHODS, class_attribution, router_attribution
 from analysis.collect import collect_routing
 from analysis.confusion import predict
-from analysis.routing import image_expert_counts, spatial_expert_maps, spatial_map_figure
+from analysis.routing import image_expert_counts, spatial_expert_maps
+from pages.figures import overlay_figure, spatial_map_figure
 from pages.common import (MAX_UPLOAD_BYTES, checkpoint_hash, checkpoint_picker, get_model, linked_selectbox,
                           index_selection, load_eval_data, load_model, md, need, open_checkpoint, read_uploaded_image,
                           set_selection, to_pil)

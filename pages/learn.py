@@ -4,7 +4,8 @@ import streamlit as st
 import torch
 
 from analysis.collect import collect_routing, routing_overrides
-from analysis.routing import drop_summary, spatial_expert_maps, spatial_map_figure
+from analysis.routing import drop_summary, spatial_expert_maps
+from pages.figures import spatial_map_figure
 from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, dataset_or_none, load_card,
                           load_eval_data, load_model, md, need)
 

@@ -5,9 +5,10 @@ import pandas as pd
 import streamlit as st
 
 from analysis import routing as R
-from analysis.ablation import expert_ablation, impact_figure, impact_matrix
+from analysis.ablation import expert_ablation, impact_matrix
 from analysis.collect import collect_routing, routing_overrides
-from analysis.embedding import embedding_figure, embedding_frame
+from analysis.embedding import embedding_frame
+from pages import figures as F
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, eval_subset, forget_on_checkpoint_change,
                           linked_selectbox, load_model, md, need, need_moe, open_checkpoint)
 
@@ -122,7 +123,7 @@ norm = c[2].radio("Normalise", ["row", "column", "counts"], horizontal=True,
 tokens = c[3].radio("Tokens", ["all", "patches", "cls"], horizontal=True) if family == "vmoe" else "all"
 table = R.class_expert_counts(summary, layer, by=by, normalize=None if norm == "counts" else norm, tokens=tokens)
 left, right = st.columns([1.3, 1])
-left.plotly_chart(R.heatmap_figure(table, title=f"{by} × expert, block {layer}",
+left.plotly_chart(F.heatmap_figure(table, title=f"{by} × expert, block {layer}",
                                    colorbar="count" if norm == "counts" else "share"), key="cxe")
 with right:
     cls = linked_selectbox("Class", list(range(len(classes))), key="class", format_func=lambda i: classes[i])
@@ -140,7 +141,7 @@ st.dataframe(table.round(4), key="routing_table")
 # ----------------------------------------------------------------------------- balance
 st.header("Expert load and balance")
 left, right = st.columns([1.3, 1])
-left.plotly_chart(R.load_figure(report["load"]), key="load")
+left.plotly_chart(F.expert_load_figure(report["load"]), key="load")
 with right:
     bal = report["balance"][["layer", "min_share", "max_share", "lowest_allowed", "highest_allowed", "cv2", "gini",
                              "entropy_norm", "flag"]]
@@ -162,7 +163,7 @@ if family == "vmoe":
     st.dataframe(report["drop_summary"].round(4), hide_index=True)
     drops = report["drops"]
     d = drops[drops.layer == layer].pivot_table(index="expert", columns="rank", values="drop_rate")
-    st.plotly_chart(R.heatmap_figure(d, title=f"Drop rate per expert and choice rank, block {layer}",
+    st.plotly_chart(F.heatmap_figure(d, title=f"Drop rate per expert and choice rank, block {layer}",
                                      colorbar="drop rate"), key="drops")
     if st.toggle("Compare BPR with vanilla (runs the model twice)"):
         st.dataframe(bpr_comparison(checkpoint_hash(path), len(ds), int(top_k), float(capacity_ratio),
@@ -178,7 +179,7 @@ if len(layers) > 1:
                    "so the blocks agree by construction (agreement 1). Train with per-layer routers "
                    "(`--set per_layer_routers=true`) to see whether separate routers agree.")
     else:
-        st.plotly_chart(R.heatmap_figure(report["agreement"], title="P(top-1 of column block | top-1 of row block), "
+        st.plotly_chart(F.heatmap_figure(report["agreement"], title="P(top-1 of column block | top-1 of row block), "
                                                                     "best expert mapping", colorbar="agreement"),
                         key="agreement")
         st.caption("Experts of different blocks are different networks, so each row block's experts are first "
@@ -202,7 +203,7 @@ elif st.toggle("Disable each expert in turn (one pass per expert)",
                help="Per-class accuracy change when an expert is switched off; the router renormalises."):
     abl = ablation(checkpoint_hash(path), len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled)),
                    analysis_bf16(), path, ds, classes)
-    st.plotly_chart(impact_figure(impact_matrix(abl)), key="ablation")
+    st.plotly_chart(F.impact_figure(impact_matrix(abl)), key="ablation")
     overall = abl[abl["class"] == "all"][["expert", "base_accuracy", "ablated_accuracy", "delta", "changed"]]
     st.dataframe(overall.round(4), hide_index=True)
 
@@ -215,7 +216,7 @@ if family == "vmoe":
     maps, cls_tok = R.spatial_expert_maps(summary, layer, idx)
     cols = st.columns(min(n_show, 4))
     for i, (j, grid) in enumerate(zip(idx, maps)):
-        fig = R.spatial_map_figure(ds.images[j], grid, E, class_token_expert=int(cls_tok[i]),
+        fig = F.spatial_map_figure(ds.images[j], grid, E, class_token_expert=int(cls_tok[i]),
                                    title=f"#{j} {classes[int(ds.labels[j])]}")
         fig.update_layout(width=None, height=300, showlegend=False, margin=dict(l=0, r=0, t=40, b=0))
         cols[i % len(cols)].plotly_chart(fig, key=f"map{j}")
@@ -232,4 +233,4 @@ if c[2].toggle("Compute UMAP", help="UMAP takes a few seconds the first time (mo
                                    "results are cached on disk per checkpoint and setting."):
     emb = embedding(checkpoint_hash(path), (len(ds), int(top_k), capacity_ratio, bpr, tuple(sorted(disabled))),
                     source, int(layer), summary)
-    st.plotly_chart(embedding_figure(emb, colour), key="umap")
+    st.plotly_chart(F.embedding_figure(emb, colour), key="umap")

@@ -3,8 +3,8 @@ import copy
 
 import streamlit as st
 
-from analysis.tradeoff import (checkpoint_table, moe_gains, pareto_frontier, sweep_figure, sweep_routing,
-                               tradeoff_figure)
+from analysis.tradeoff import checkpoint_table, moe_gains, pareto_frontier, sweep_routing
+from pages.figures import sweep_figure, tradeoff_figure
 from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, ckpt_ref,
                           dataset_or_none, eval_subset, load_model, max_images, need, open_checkpoint)
 
@@ -43,17 +43,24 @@ chosen = st.multiselect("Datasets", datasets, default=default,
                         help="Accuracies are only comparable on the same dataset.")
 view = df[df["dataset"].isin(chosen)].copy()
 need(len(view), "Pick at least one dataset.")
-view["pareto"] = pareto_frontier(view)  # the frontier of what is shown
+view["pareto"] = pareto_frontier(view, y="accuracy_mean")  # the frontier of what is shown (means over seeds)
 c = st.columns(4)
 c[0].metric("Checkpoints", len(view))
 for col, kind in zip(c[1:], ("dense", "per-image", "per-token")):
     col.metric(kind, int((view["routing"] == kind).sum()))
-paper = st.toggle("Show the Mobile V-MoE paper's published gains (ImageNet-1k, for reference)")
-st.plotly_chart(tradeoff_figure(view, paper_reference_trace=paper), key="tradeoff")
-cols = ["name", "preset", "routing", "dataset", "accuracy", "macs_active", "params_active", "params_total", "pareto",
-        "where", "source"]
+left, right = st.columns(2)
+paper = left.toggle("Show the Mobile V-MoE paper's published gains (ImageNet-1k, for reference)")
+seeds = right.toggle("Show every seed", disabled=not (view["n_seeds"] > 1).any(),
+                     help="Grid checkpoints are drawn at the mean over their seeds (same recipe) with ± 1 std; "
+                          "this adds each seed as a dot.")
+st.plotly_chart(tradeoff_figure(view, paper_reference_trace=paper, show_seeds=seeds), key="tradeoff")
+cols = ["name", "preset", "routing", "dataset", "accuracy", "n_seeds", "accuracy_mean", "accuracy_std",
+        "macs_active", "params_active", "params_total", "pareto", "where", "source"]
 st.dataframe(view[cols].sort_values("macs_active"), hide_index=True,
-             column_config={"accuracy": st.column_config.NumberColumn(format="percent"),
+             column_config={"accuracy": st.column_config.NumberColumn("accuracy (this checkpoint)", format="percent"),
+                            "n_seeds": st.column_config.NumberColumn("seeds"),
+                            "accuracy_mean": st.column_config.NumberColumn("mean over seeds", format="percent"),
+                            "accuracy_std": st.column_config.NumberColumn("std over seeds", format="percent"),
                             "macs_active": st.column_config.NumberColumn("MACs per image (active)", format="compact"),
                             "params_active": st.column_config.NumberColumn(format="compact"),
                             "params_total": st.column_config.NumberColumn(format="compact")})
@@ -61,7 +68,10 @@ gains = moe_gains(view)
 if len(gains):
     st.subheader("MoE gain over the dense model of the same shape")
     st.dataframe(gains, hide_index=True,
-                 column_config={"gain": st.column_config.NumberColumn(format="percent"),
+                 column_config={"gain": st.column_config.NumberColumn("gain (mean of paired per-seed differences)",
+                                                                      format="percent"),
+                                "gain_std": st.column_config.NumberColumn("std over seeds", format="percent"),
+                                "n": st.column_config.NumberColumn("seeds"),
                                 "macs_active": st.column_config.NumberColumn(format="compact")})
 
 st.header(f"Inference-time sweep of {path.name}")

@@ -8,7 +8,7 @@ the run folder (status.json, metrics.jsonl, log.txt).
 import streamlit as st
 
 from pages import common
-from pages.train_figures import accuracy_figure, load_figure, loss_figure, metrics_frames
+from pages.figures import accuracy_figure, loss_figure, metrics_frames, training_load_figure
 from workbench import jobs, paths, runs
 from workbench.models.config import ModelConfig, preset_name
 from workbench.train_config import PRECISIONS, TrainConfig, model_from_fields, parse_overrides
@@ -223,7 +223,7 @@ def show_job(row: dict) -> None:
         c1.plotly_chart(loss_figure(train), key="tr_loss_fig", width="stretch")
     c2.plotly_chart(accuracy_figure(train, evals), key="tr_acc_fig", width="stretch")
     if not load.empty:
-        st.plotly_chart(load_figure(load), key="tr_load_fig", width="stretch")
+        st.plotly_chart(training_load_figure(load), key="tr_load_fig", width="stretch")
     elif row["kind"] == "train" and (row["model"] or "").startswith(("mvmoe", "vmoe")):
         st.caption("Expert load appears after the first evaluation (at the end of an epoch).")
 

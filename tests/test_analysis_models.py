@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from analysis.ablation import expert_ablation, forced_vs_disabled_gap, impact_matrix, oracle_routing
-from analysis.attribution import METHODS, class_attribution, overlay_figure, region_share, router_attribution
+from analysis.attribution import METHODS, class_attribution, region_share, router_attribution
 from analysis.collect import collect_routing, force_expert, routing_overrides
 from analysis.embedding import embed, embedding_frame
 from analysis.routing import compare_batch_priority
-from analysis.tradeoff import checkpoint_table, pareto_frontier, sweep_routing, tradeoff_figure
+from analysis.tradeoff import checkpoint_table, pareto_frontier, sweep_routing
+from pages.figures import overlay_figure, tradeoff_figure
 from workbench.flops import count_macs
 from workbench.models import create_model
 

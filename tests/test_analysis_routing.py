@@ -134,7 +134,7 @@ def test_the_balance_table_shows_the_limits_its_flag_used():
 def test_heatmaps_use_categorical_axes():
     import pandas as pd
 
-    from analysis.routing import heatmap_figure
+    from pages.figures import heatmap_figure
 
     fig = heatmap_figure(pd.DataFrame([[1.0, 0.5], [0.5, 1.0]], index=[4, 5], columns=[4, 5]))
     assert fig.layout.xaxis.type == "category" and fig.layout.yaxis.type == "category"

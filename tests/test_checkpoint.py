@@ -212,6 +212,20 @@ def test_missing_card_keys_are_named(saved):
         read_card(saved)
 
 
+@pytest.mark.parametrize("seeds, rule", [
+    ({"seed": 0}, "'seeds' must be a list"),
+    ([{"seed": "0", "test_accuracy": 0.9}], "integer 'seed'"),
+    ([{"seed": 0, "test_accuracy": 90.1}], "test_accuracy of seed 0 must be a fraction"),
+    ([{"seed": 1, "test_accuracy": 0.9, "delta_vs_dense": "big"}], "delta_vs_dense of seed 1"),
+])
+def test_bad_per_seed_numbers_in_a_card_are_named(saved, seeds, rule):
+    card = json.loads((saved / "card.json").read_text())
+    card["seeds"] = seeds
+    (saved / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=rule):
+        read_card(saved)
+
+
 def test_invalid_config_in_card(saved):
     card = json.loads((saved / "card.json").read_text())
     card["config"]["top_k"] = 9

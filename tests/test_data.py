@@ -480,6 +480,29 @@ def test_augment_crops_a_window_of_the_zero_padded_image():
     assert len(offsets) > 5
 
 
+def test_augment_pads_with_the_fill_value_so_borders_look_like_the_background():
+    black = -0.8                                             # a normalised black pixel, e.g. (0 - mean) / std
+    x = torch.full((64, 1, 6, 6), 1.0)
+    out = augment(x, False, torch.Generator().manual_seed(0), pad=2, fill=[black])
+    is_black, is_image = torch.isclose(out, torch.tensor(black)), torch.isclose(out, torch.tensor(1.0))
+    assert (is_black | is_image).all() and is_black.any()    # never the grey 0 of plain zero padding
+
+
+def test_training_augmentation_choice_reaches_the_batch():
+    from workbench.evaluate import to_batch
+
+    ds = load_dataset("synthetic", num_train=64)
+    idx = torch.arange(64)
+    plain, _ = to_batch(ds, idx, "cpu")
+    none, _ = to_batch(ds, idx, "cpu", torch.Generator().manual_seed(0), "none")
+    flip, _ = to_batch(ds, idx, "cpu", torch.Generator().manual_seed(0), "flip")
+    crop, _ = to_batch(ds, idx, "cpu", torch.Generator().manual_seed(0), "crop-flip")
+    assert torch.equal(none, plain)
+    flipped = [torch.equal(f, p.flip(-1)) and not torch.equal(f, p) for f, p in zip(flip, plain)]
+    assert all(torch.equal(f, p) or fl for f, p, fl in zip(flip, plain, flipped)) and any(flipped)
+    assert not torch.equal(crop, plain) and not torch.equal(crop, flip)
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 def test_synthetic_is_deterministic_by_seed_and_splits_differ():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pages.train_figures import metrics_frames
+from pages.figures import metrics_frames
 from workbench import jobs, runs as run_folder
 from workbench.checkpoint import load_checkpoint
 from workbench.train_config import TrainConfig, model_from_preset

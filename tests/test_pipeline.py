@@ -55,3 +55,67 @@ def test_invalid_group_count_is_a_clear_error(tmp_path, capsys):
 
 def test_default_group_count_follows_class_count():
     assert [pipeline.default_num_groups(c) for c in (10, 16, 100, 1000)] == [4, 4, 10, 10]
+
+
+# ---------------------------------------------------------------- the seed grid
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory):
+    """A two-seed grid in miniature: one size, dense + super-class MoE, and an end-to-end extra."""
+    base = tmp_path_factory.mktemp("grid")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "SAMPLE_GRID", {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e"])})
+    args = ["--grid", "samples", "--dataset", "synthetic", "--out", str(base / "runs"), "--epochs", "1",
+            "--export", str(base / "shipped"), "--quiet"]
+    try:
+        assert pipeline.main(args) == 0
+    finally:
+        mp.undo()
+    return base, args
+
+
+def test_grid_reports_every_seed_and_the_spread(grid_dir):
+    base, _ = grid_dir
+    rows = list(csv.DictReader(open(base / "runs" / "grid-results.csv")))
+    assert sorted((r["seed"], r["model"]) for r in rows) == sorted(
+        (s, m) for s in "01" for m in ("dense", "moe", "mvmoe-2x32-e4k1-e2e"))
+    for r in rows:   # the paired difference is against the dense model of the same seed
+        dense = next(d for d in rows if d["seed"] == r["seed"] and d["model"] == "dense")
+        if r["model"] != "dense":
+            assert float(r["delta_vs_dense"]) == pytest.approx(
+                float(r["test_accuracy"]) - float(dense["test_accuracy"]), abs=1e-4)
+    table = (base / "runs" / "grid.md").read_text()
+    assert table.count("(n=2)") >= 3 and "± " in table
+
+
+def test_grid_ships_the_median_seed_with_every_seeds_numbers(grid_dir):
+    from analysis.tradeoff import checkpoint_table, moe_gains
+    from workbench.checkpoint import load_checkpoint
+
+    base, _ = grid_dir
+    shipped = base / "shipped"
+    moe = shipped / "synthetic-mvmoe-2x32-e4k1"
+    _, card = load_checkpoint(moe)                                   # the card validates
+    assert [s["seed"] for s in card["seeds"]] == [0, 1]
+    dense_seeds = read_card(shipped / "synthetic-vit-2x32")["seeds"]
+    chosen = pipeline.median_seed([{"seed": s["seed"], "test_accuracy": s["test_accuracy"]} for s in dense_seeds])
+    assert card["training"]["seed"] == chosen == read_card(shipped / "synthetic-vit-2x32")["training"]["seed"]
+    table = checkpoint_table([shipped / "synthetic-vit-2x32", moe])
+    assert list(table["n_seeds"]) == [2, 2] and table["accuracy_std"].notna().all()
+    gains = moe_gains(table)
+    assert gains["n"].tolist() == [2]
+    assert gains["gain"].iloc[0] == pytest.approx(sum(s["delta_vs_dense"] for s in card["seeds"]) / 2)
+    assert (shipped / "grid-results.csv").exists() and (shipped / "grid.md").exists()
+
+
+def test_a_resumed_grid_trains_nothing_again(grid_dir, monkeypatch):
+    base, args = grid_dir
+    weights = base / "runs" / "2x32" / "seed-1" / "moe" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    monkeypatch.setattr(pipeline, "SAMPLE_GRID", {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e"])})
+    assert pipeline.main(args) == 0
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_median_seed_is_the_lower_middle():
+    rows = [{"seed": s, "test_accuracy": a} for s, a in ((0, 0.90), (1, 0.80), (2, 0.85), (3, 0.95))]
+    assert pipeline.median_seed(rows[:3]) == 2 and pipeline.median_seed(rows) == 2

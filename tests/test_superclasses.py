@@ -269,7 +269,8 @@ def test_model_confusion_counts_every_image_once():
 
 
 def test_confusion_graph_figure_draws_every_class_once_coloured_by_group():
-    from analysis.superclasses import confusion_graph, confusion_graph_figure, confusion_graph_layout
+    from analysis.superclasses import confusion_graph, confusion_graph_layout
+    from pages.figures import confusion_graph_figure
 
     cm = np.array([[50, 8, 0, 0], [6, 40, 1, 0], [0, 2, 30, 9], [0, 0, 7, 45]])
     names = ["a", "b", "c", "d"]

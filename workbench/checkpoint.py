@@ -163,6 +163,25 @@ def validate_card(card, path: PathLike = CARD) -> None:
     history = card.get("history")
     _check(history is None or (isinstance(history, list) and all(isinstance(h, dict) for h in history)), path,
            "'history' must be a list of per-epoch objects")
+    _check_seeds(card.get("seeds"), path)
+
+
+def _check_seeds(seeds, path) -> None:
+    """`seeds` (grid cards): one object per seed of the same recipe, with fractions in [0, 1]."""
+    if seeds is None:
+        return
+    _check(isinstance(seeds, list) and len(seeds) <= 1000 and all(isinstance(s, dict) for s in seeds), path,
+           "'seeds' must be a list of per-seed objects")
+    for s in seeds:
+        _check(isinstance(s.get("seed"), int) and not isinstance(s.get("seed"), bool), path,
+               f"seeds: every entry needs an integer 'seed', got {s.get('seed')!r}")
+        for key in ("test_accuracy", "router_superclass_accuracy", "oracle_routing_accuracy"):
+            v = s.get(key)
+            _check(v is None or (_is_number(v) and 0 <= v <= 1), path,
+                   f"seeds: {key} of seed {s['seed']} must be a fraction in [0, 1], got {v!r}")
+        d = s.get("delta_vs_dense")
+        _check(d is None or (_is_number(d) and -1 <= d <= 1), path,
+               f"seeds: delta_vs_dense of seed {s['seed']} must be in [-1, 1], got {d!r}")
 
 
 def _check_superclasses(sc, n: int, cfg: dict, path) -> None:

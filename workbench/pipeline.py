@@ -32,6 +32,7 @@ from . import snapshots
 from .runs import atomic_copy, atomic_write_bytes, atomic_write_json
 
 DEFAULT_DENSE = {"synthetic": "vit-4x64"}
+RECIPE_FIELDS = ("epochs", "batch_size", "lr", "label_smoothing", "augmentation")  # passed to TrainConfig when given
 DEFAULT_EPOCHS = {"synthetic": 12}
 
 
@@ -68,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "ModelConfig's); --router-weight is a deprecated alias")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of the training split held out for the confusion matrix")
     p.add_argument("--epochs", type=int, default=None, help="epochs for each model (default 10; 12 on synthetic)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=None, help="default: workbench.train's (128)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: workbench.train's, 1e-3)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default: workbench.train's (0.1)")
+    p.add_argument("--augmentation", choices=("crop-flip", "flip", "none"), default=None,
+                   help="training augmentation (default: workbench.train's, crop-flip)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e]",
@@ -119,10 +123,11 @@ def _train_stage(args, run_dir: Path, preset: str, superclasses: Optional[Path] 
     overrides = {} if superclasses is None or args.superclass_loss_weight is None else \
         {"superclass_loss_weight": args.superclass_loss_weight}
     resume = (run_dir / TRAIN_STATE).exists()
+    recipe = {k: getattr(args, k) for k in RECIPE_FIELDS if getattr(args, k, None) is not None}
     cfg = TrainConfig(model=model_from_preset(preset, overrides), dataset=args.dataset, data_root=args.data_root,
                       superclasses=str(superclasses) if superclasses else None, holdout=args.holdout,
-                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      precision=args.precision, out=str(run_dir), resume=resume, quiet=args.quiet)
+                      seed=args.seed, precision=args.precision, out=str(run_dir), resume=resume, quiet=args.quiet,
+                      **recipe).validate()
     _say(args, f"{run_dir.name}: {'resuming' if resume else 'training'} {preset} for {args.epochs} epochs")
     return train(cfg)["card"]
 
@@ -311,7 +316,8 @@ def write_report(args, out: Path, runs: dict, evaluation: dict, confusion: dict,
         "dataset": args.dataset, "classes": classes, "num_groups": E, "method": clustering["method"],
         "superclasses": superclasses, "heldout_accuracy_dense": confusion["accuracy"], "clustering": clustering,
         "ari": quality.get("ari"), "nmi": quality.get("nmi"), "rows": rows, "pipeline_wall_time_s": wall,
-        "command": getattr(args, "command", None),
+        "command": getattr(args, "command", None), "seed": args.seed,
+        "recipe": read_card(out / "dense").get("training"),   # what every model of this run trained with
     }
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", _markdown(report).encode("utf-8"))
@@ -396,28 +402,39 @@ def _markdown(r: dict) -> str:
 
 
 SAMPLE_GRID = {
-    # size: (dense preset, extra models at this size)
-    "6x64": ("vit-6x64", ["vmoe-6x64-e8k2", "mvmoe-6x64-e4k1:e2e"]),
-    "6x96": ("vit-6x96", []),
-    "9x64": ("vit-9x64", []),
+    # size: (dense preset, seeds, extra models at this size)
+    "6x64": ("vit-6x64", 3, ["vmoe-6x64-e8k2", "mvmoe-6x64-e4k1:e2e"]),
+    "6x96": ("vit-6x96", 2, []),
+    "9x64": ("vit-9x64", 2, []),
 }
+# The one recipe every grid model trains with (sample_checkpoints/README.md says how it was chosen).
+GRID_RECIPE = {"epochs": 25, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1, "augmentation": "none"}
 
 
 SHORT_NAMES = {"fashion-mnist": "fmnist"}
 REPORT_FILES = ("report.md", "report.json", "clustering.json", "confusion.json", "superclasses.json")
 
 
-def export(run_dir: Path, dest: Path, report: dict) -> list:
+def export(run_dir: Path, dest: Path, report: dict, seeds: Optional[dict] = None) -> list:
     """Copy each model of a finished pipeline run to dest/<dataset>-<model> (weights + card) and its
     reports to dest/pipeline-<dataset>-<dense shape>/; returns the checkpoint folders written.
-    Every file is copied atomically, so an interrupted export leaves no half file."""
+
+    `seeds` ({model name: per-seed rows}) goes into each exported card as `seeds`, so a shipped
+    checkpoint (the median seed) carries the spread of its cell. Every file is copied
+    atomically, so an interrupted export leaves no half file."""
     dataset = report["dataset"]
     short = SHORT_NAMES.get(dataset, dataset)
     written = []
     for r in report["rows"]:
         target = dest / f"{short}-{r['preset'] if r['model'] in ('dense', 'moe') else r['model']}"
-        for name in ("model.safetensors", "card.json"):
-            atomic_copy(Path(r["run_dir"]) / name, target / name)
+        atomic_copy(Path(r["run_dir"]) / "model.safetensors", target / "model.safetensors")
+        card = read_card(Path(r["run_dir"]))
+        if seeds and r["model"] in seeds:
+            card["seeds"] = seeds[r["model"]]
+        atomic_write_json(target / "card.json", card)
+        old = target / snapshots.FOLDER
+        for stale in sorted(old.glob("epoch-*.npz")) if old.is_dir() else []:
+            stale.unlink()                                          # a previous seed's snapshots
         for snap in sorted((Path(r["run_dir"]) / snapshots.FOLDER).glob("epoch-*.npz")):  # routing over training
             atomic_copy(snap, target / snapshots.FOLDER / snap.name)
         written.append(target)
@@ -429,51 +446,125 @@ def export(run_dir: Path, dest: Path, report: dict) -> list:
     return written
 
 
-def grid_table(reports: dict) -> str:
-    """Markdown: per size, dense vs per-image MoE (test accuracy, delta, MACs, params), then the extras."""
-    lines = ["| size | dense acc | MoE acc | Δ (points) | MACs/img dense / MoE | params dense | params MoE "
-             "active / total | MoE router acc | MoE acc, perfect router |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    extras = []
-    for size, report in reports.items():
-        rows = {r["model"]: r for r in report["rows"]}
-        d, m = rows["dense"], rows["moe"]
-        lines.append(f"| {size} | {100 * d['test_accuracy']:.2f}% | {100 * m['test_accuracy']:.2f}% | "
-                     f"{100 * (m['test_accuracy'] - d['test_accuracy']):+.2f} | {d['macs_active'] / 1e6:.2f} M / "
-                     f"{m['macs_active'] / 1e6:.2f} M | {d['params_total'] / 1e6:.2f} M | "
-                     f"{m['params_active'] / 1e6:.2f} M / {m['params_total'] / 1e6:.2f} M | "
-                     f"{_pct(m.get('router_superclass_accuracy'))} | {_pct(m.get('oracle_routing_accuracy'))} |")
-        extras += [(size, r, d) for name, r in rows.items() if name not in ("dense", "moe")]
-    if extras:
-        lines += ["", "| size | model | router | acc | Δ vs dense | MACs/img | params active / total |",
-                  "|---|---|---|---:|---:|---:|---:|"]
-        for size, r, d in extras:
-            lines.append(f"| {size} | {r['model']} | {r['router']} | {100 * r['test_accuracy']:.2f}% | "
-                         f"{100 * (r['test_accuracy'] - d['test_accuracy']):+.2f} | {r['macs_active'] / 1e6:.2f} M | "
-                         f"{r['params_active'] / 1e6:.2f} M / {r['params_total'] / 1e6:.2f} M |")
+SEED_FIELDS = ("test_accuracy", "router_superclass_accuracy", "oracle_routing_accuracy")
+
+
+def _mean_std(values: list) -> tuple:
+    """(mean, sample std (ddof 1; 0 for one value), n) of the non-missing values."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mean, std, len(v)
+
+
+def _pm(values: list, scale: float = 100, digits: int = 2, sign: bool = False) -> str:
+    """"mean ± std (n)" in points; one value: just the value, with (n = 1)."""
+    mean, std, n = _mean_std(values)
+    if n == 0:
+        return ""
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{fmt.format(scale * mean)} ± {scale * std:.{digits}f} (n={n})" if n > 1 else \
+        f"{fmt.format(scale * mean)} (n=1)"
+
+
+def grid_rows(reports: dict) -> list:
+    """One row per (size, seed, model) from {(size, seed): report}; each row also carries the
+    paired difference to the dense model of the same size and seed (same data order)."""
+    rows = []
+    for (size, seed), report in sorted(reports.items()):
+        dense = next((r for r in report["rows"] if r["model"] == "dense"), None)
+        for r in report["rows"]:
+            delta = None if dense is None or r["model"] == "dense" else r["test_accuracy"] - dense["test_accuracy"]
+            rows.append({"size": size, "seed": seed, **r, "delta_vs_dense": _round(delta, 5)})
+    return rows
+
+
+def grid_table(rows: list) -> str:
+    """Markdown: per size and model, mean ± std over the seeds done so far (n = seeds), the paired
+    difference to dense per seed, MACs and params; then every seed's accuracy."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["size"], r["model"]), []).append(r)
+    lines = ["| size | model | router | seeds | test acc (%) | Δ vs dense, paired (points) | per-seed Δ | "
+             "router acc (%) | perfect-router acc (%) | MACs/img | params active / total |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for (size, model), rs in cells.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        first = rs[0]
+        per_seed = ", ".join(f"s{r['seed']}: {100 * r['delta_vs_dense']:+.2f}" for r in rs
+                             if r["delta_vs_dense"] is not None)
+        lines.append(
+            f"| {size} | {model if model not in ('dense', 'moe') else first['preset']} | "
+            f"{first['router'] or 'dense'} | {len(rs)} | {_pm([r['test_accuracy'] for r in rs])} | "
+            f"{_pm([r['delta_vs_dense'] for r in rs], sign=True) if model != 'dense' else ''} | {per_seed} | "
+            f"{_pm([r['router_superclass_accuracy'] for r in rs])} | "
+            f"{_pm([r['oracle_routing_accuracy'] for r in rs])} | {first['macs_active'] / 1e6:.2f} M | "
+            f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M |")
     return "\n".join(lines) + "\n"
 
 
+def median_seed(rows: list) -> int:
+    """The seed whose test accuracy is the median of the cell's (the lower middle one for an even count)."""
+    ranked = sorted(rows, key=lambda r: (r["test_accuracy"], r["seed"]))
+    return ranked[(len(ranked) - 1) // 2]["seed"]
+
+
+def _write_grid(args, base: Path, reports: dict) -> None:
+    """grid-results.csv and grid.md from every finished (size, seed) so far; with --export, the
+    median-seed checkpoint of each (size, model) with every seed's metrics in its card."""
+    rows = grid_rows(reports)
+    if not rows:
+        return
+    results = Path(args.results or base / "grid-results.csv")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_suffix(".csv.tmp"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    results.with_suffix(".csv.tmp").replace(results)
+    atomic_write_bytes(base / "grid.md", grid_table(rows).encode("utf-8"))
+    if not args.export:
+        return
+    dest = Path(args.export)
+    for size in dict.fromkeys(r["size"] for r in rows):
+        by_model: dict = {}
+        for r in rows:
+            if r["size"] == size:
+                by_model.setdefault(r["model"], []).append(r)
+        seeds = {m: [{"seed": r["seed"], **{k: r[k] for k in SEED_FIELDS}, "delta_vs_dense": r["delta_vs_dense"]}
+                     for r in sorted(rs, key=lambda r: r["seed"])] for m, rs in by_model.items()}
+        # one seed is shipped per size: the dense model's median seed, and the MoEs of that seed
+        # (paired with it: same data order); every seed's numbers are in the cards and the CSV
+        chosen = median_seed(by_model["dense"])
+        export(base / size / f"seed-{chosen}", dest, reports[(size, chosen)], seeds)
+    atomic_copy(results, dest / "grid-results.csv")
+    atomic_copy(base / "grid.md", dest / "grid.md")
+
+
 def run_grid(args: argparse.Namespace) -> None:
-    """The sample-checkpoint grid: one pipeline per size into OUT/<size>/, one results CSV, one table."""
+    """The sample-checkpoint grid into OUT/<size>/seed-<s>/, one whole pipeline per (size, seed).
+
+    First the dense + super-class MoE pair of every (size, seed), then the extra models, so an
+    interrupted grid has the headline pairs first. After each pipeline the table, the CSV and
+    (with --export) the shipped checkpoints are rewritten from everything finished so far, so
+    a grid resumed over many sessions always shows how many seeds each cell has."""
     base = Path(args.out)
-    results = Path(args.results or base / "results.csv")
-    if results.exists():
-        results.unlink()   # rebuilt from every size's report below, so a re-run does not duplicate rows
-    reports = {}
-    for size, (dense, extras) in SAMPLE_GRID.items():
-        sub = argparse.Namespace(**{**vars(args), "out": str(base / size), "dense": dense,
-                                    "extra": list(args.extra) + extras, "results": str(results), "grid": None,
-                                    "export": None})
-        reports[size] = run(sub)
-    table = grid_table(reports)
-    atomic_write_bytes(base / "grid.md", table.encode("utf-8"))
-    print(table)
-    if args.export:
-        dest = Path(args.export)
-        for size, report in reports.items():
-            export(base / size, dest, report)
-        atomic_copy(results, dest / "grid-results.csv")
-        atomic_copy(base / "grid.md", dest / "grid.md")
+    recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in GRID_RECIPE.items()}
+    reports: dict = {}
+    for with_extras in (False, True):
+        for size, (dense, n_seeds, extras) in SAMPLE_GRID.items():
+            if with_extras and not extras:
+                continue
+            for seed in range(n_seeds):
+                sub = argparse.Namespace(**{**vars(args), **recipe, "out": str(base / size / f"seed-{seed}"),
+                                            "dense": dense, "seed": seed, "grid": None, "export": None,
+                                            "extra": list(args.extra) + (extras if with_extras else []),
+                                            "results": str(base / size / f"seed-{seed}" / "results.csv")})
+                reports[(size, seed)] = run(sub)
+                _write_grid(args, base, reports)
+    print(grid_table(grid_rows(reports)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,359 @@
+"""Every plotly figure the pages draw, built from the tables and arrays analysis/ returns.
+
+No Streamlit and no statistics here: analysis/ computes, these functions only draw
+(so a notebook can call them too). Grouped by the page that shows them.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analysis.tradeoff import moe_gains, paper_reference
+
+PALETTE = px.colors.qualitative.Plotly + px.colors.qualitative.Set3 + px.colors.qualitative.Dark24
+
+ROUTING_STYLE = {  # one colour + marker per routing kind, on every accuracy-vs-MACs figure
+    "dense": ("#636EFA", "circle"),
+    "per-image": ("#EF553B", "diamond"),
+    "per-token": ("#00CC96", "square"),
+}
+
+
+# ----------------------------------------------------------------------------- confusion graph
+def confusion_graph_figure(g: nx.Graph, pos: dict, groups: Optional[Sequence[int]] = None,
+                           group_names: Sequence[str] = (), selected: Optional[int] = None) -> go.Figure:
+    """The confusion graph as a plotly network: node size = class accuracy, edge width = confusion
+    rate (4 width bins), colour = super-class; nodes carry their class index as customdata."""
+    fig = go.Figure()
+    edges = sorted(g.edges(data=True), key=lambda e: e[2]["weight"])
+    wmax = max((d["weight"] for *_, d in edges), default=1.0) or 1.0
+    for lo, hi, width in ((0.0, 0.25, 1), (0.25, 0.5, 2.5), (0.5, 0.75, 4.5), (0.75, 1.01, 7)):
+        xs, ys = [], []
+        for i, j, d in edges:
+            if lo <= d["weight"] / wmax < hi:
+                xs += [pos[i][0], pos[j][0], None]
+                ys += [pos[i][1], pos[j][1], None]
+        if xs:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(width=width, color="rgba(120,120,120,0.55)"),
+                                     hoverinfo="skip", showlegend=False))
+    mids = [((pos[i][0] + pos[j][0]) / 2, (pos[i][1] + pos[j][1]) / 2,
+             f"{g.nodes[i]['name']} ↔ {g.nodes[j]['name']}<br>rate {d['weight']:.3f} · {d['count']:.0f} images")
+            for i, j, d in edges]
+    if mids:
+        fig.add_trace(go.Scatter(x=[m[0] for m in mids], y=[m[1] for m in mids], mode="markers",
+                                 marker=dict(size=6, opacity=0), hovertext=[m[2] for m in mids], hoverinfo="text",
+                                 showlegend=False))
+    nodes = list(g.nodes)
+    acc = [g.nodes[n]["accuracy"] for n in nodes]
+    size = [12 + 30 * (a if a == a else 0) for a in acc]
+    ngroups = sorted(set(groups)) if groups is not None else [None]
+    for grp in ngroups:
+        members = [n for n in nodes if groups is None or groups[n] == grp]
+        label = "classes" if grp is None else (group_names[grp] if grp < len(group_names) else f"group {grp}")
+        fig.add_trace(go.Scatter(
+            x=[pos[n][0] for n in members], y=[pos[n][1] for n in members], mode="markers+text",
+            text=[g.nodes[n]["name"] for n in members], textposition="top center",
+            marker=dict(size=[size[nodes.index(n)] for n in members],
+                        color=PALETTE[0 if grp is None else grp % len(PALETTE)],
+                        line=dict(width=[4 if n == selected else 1 for n in members],
+                                  color=["black" if n == selected else "white" for n in members])),
+            customdata=members,
+            hovertext=[f"{g.nodes[n]['name']}<br>accuracy {g.nodes[n]['accuracy']:.1%}" for n in members],
+            hoverinfo="text", name=f"{grp}: {label}" if grp is not None else label))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    fig.update_layout(height=560, margin=dict(l=0, r=0, t=10, b=0), plot_bgcolor="white",
+                      legend=dict(orientation="h", y=-0.05))
+    return fig
+
+
+# ----------------------------------------------------------------------------- routing
+def heatmap_figure(df: pd.DataFrame, title: str = "", colorbar: str = "") -> go.Figure:
+    """A labelled heatmap of a group x expert (or block x block) table."""
+    fig = go.Figure(go.Heatmap(
+        z=df.to_numpy(), x=[str(c) for c in df.columns], y=[str(i) for i in df.index], colorscale="Blues",
+        colorbar={"title": colorbar}, hovertemplate="%{y} / %{x}: %{z:.3g}<extra></extra>",
+    ))
+    # categorical axes: block and expert numbers are labels, not positions ("3.5" ticks between blocks 3 and 4)
+    fig.update_layout(title=title, xaxis_title=str(df.columns.name or ""), yaxis_title=str(df.index.name or ""),
+                      xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed")
+    return fig
+
+
+def expert_load_figure(load: pd.DataFrame, title: str = "Expert load per MoE block") -> go.Figure:
+    """Grouped bars of each expert's share per block, with the uniform share as a dashed line."""
+    fig = go.Figure()
+    for layer, d in load.groupby("layer"):
+        fig.add_bar(x=d["expert"].astype(str), y=d["share"], name=f"block {layer}",
+                    customdata=d["count"], hovertemplate="expert %{x}: %{y:.1%} (%{customdata:.0f})<extra></extra>")
+    E = load["expert"].nunique() if len(load) else 1
+    fig.add_hline(y=1 / E, line_dash="dash", annotation_text="uniform")
+    fig.update_layout(title=title, barmode="group", xaxis_title="expert", yaxis_title="share of assignments",
+                      yaxis_tickformat=".0%")
+    return fig
+
+
+def spatial_map_figure(image, expert_map, num_experts: int, *, class_token_expert: Optional[int] = None,
+                       opacity: float = 0.45, title: str = "") -> go.Figure:
+    """The image in grey with its patch grid coloured by expert (-1 = dropped, drawn as no colour)."""
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3:
+        img = img.mean(0)                                                  # (C, H, W) -> grey
+    H, W = img.shape
+    grid = np.asarray(expert_map)
+    g = grid.shape[0]
+    patch = H / g
+    palette = (px.colors.qualitative.Plotly + px.colors.qualitative.Dark24)[:max(num_experts, 1)]
+    # discrete colour scale: one band per expert
+    scale = []
+    for e, c in enumerate(palette):
+        scale += [[e / num_experts, c], [(e + 1) / num_experts, c]]
+    z = np.where(grid < 0, np.nan, grid + 0.5)
+    centers = (np.arange(g) + 0.5) * patch - 0.5
+    fig = go.Figure()
+    fig.add_heatmap(z=img, colorscale="gray", showscale=False, hoverinfo="skip")
+    fig.add_heatmap(z=z, x=centers, y=centers, zmin=0, zmax=num_experts, colorscale=scale, opacity=opacity,
+                    colorbar={"title": "expert", "tickvals": np.arange(num_experts) + 0.5,
+                              "ticktext": [str(e) for e in range(num_experts)]},
+                    customdata=grid, hovertemplate="patch (%{y:.0f}, %{x:.0f}): expert %{customdata}<extra></extra>")
+    sub = "" if class_token_expert is None else (
+        f" — class token: {'dropped' if class_token_expert < 0 else f'expert {class_token_expert}'}")
+    fig.update_layout(title=(title or "Expert per patch") + sub, xaxis_visible=False, yaxis_visible=False,
+                      yaxis_autorange="reversed", yaxis_scaleanchor="x", width=420, height=400)
+    return fig
+
+
+def impact_figure(matrix: pd.DataFrame, title: str = "Accuracy change when an expert is disabled") -> go.Figure:
+    """Diverging heatmap of an `impact_matrix` (red: the class loses accuracy)."""
+    z = matrix.to_numpy(dtype=float)
+    lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in matrix.columns], y=[str(i) for i in matrix.index],
+                               zmin=-lim, zmax=lim, colorscale="RdBu", colorbar={"title": "Δ accuracy"},
+                               hovertemplate="class %{y}, expert %{x} off: %{z:+.1%}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="disabled expert", yaxis_title="class", yaxis_autorange="reversed")
+    return fig
+
+
+def embedding_figure(df: pd.DataFrame, color: str = "expert", title: str = ""):
+    """Scatter of an `embedding_frame`, coloured by "expert", "class", "superclass" or "correct"."""
+    if color not in ("expert", "class", "superclass", "correct"):
+        raise ValueError(f"color must be expert, class, superclass or correct, got {color!r}")
+    d = df.copy()
+    d[color] = d[color].astype(str)                       # categorical colours, also for experts
+    fig = px.scatter(d, x="x", y="y", color=color, hover_data=["index", "class", "superclass", "expert", "correct"],
+                     render_mode="webgl", opacity=0.7,
+                     category_orders={color: sorted(d[color].unique(), key=lambda s: (len(s), s))})
+    method = df.attrs.get("method", "")
+    fig.update_layout(title=title or f"{method.upper()} of {df.attrs.get('source', '')}",
+                      xaxis_title=f"{method} 1", yaxis_title=f"{method} 2")
+    fig.update_traces(marker_size=4)
+    return fig
+
+
+# ----------------------------------------------------------------------------- image inspector
+def overlay_figure(image, attribution, *, title: str = "", opacity: float = 0.6, signed: bool = True):
+    """The image in grey with the attribution (summed over channels) as a heatmap on top.
+
+    signed=True: diverging colours centred at 0 (red pushes the logit up,
+    blue down); False: |attribution|.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    img = img.reshape(-1, *img.shape[-2:]).mean(0)
+    a = np.asarray(attribution, dtype=np.float64)
+    a = a.reshape(-1, *a.shape[-2:]).sum(0)
+    if not signed:
+        a = np.abs(a)
+    lim = float(np.abs(a).max()) or 1.0
+    fig = go.Figure()
+    fig.add_heatmap(z=img, colorscale="gray", showscale=False, hoverinfo="skip")
+    fig.add_heatmap(z=a, zmin=-lim if signed else 0, zmax=lim, opacity=opacity,
+                    colorscale="RdBu_r" if signed else "Reds", colorbar={"title": "attribution"},
+                    hovertemplate="(%{y}, %{x}): %{z:.3g}<extra></extra>")
+    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, yaxis_autorange="reversed",
+                      yaxis_scaleanchor="x", width=420, height=400)
+    return fig
+
+
+# ----------------------------------------------------------------------------- accuracy vs MACs
+def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_reference_trace: bool = False,
+                    show_seeds: bool = False, title: str = "Accuracy vs active MACs per image") -> go.Figure:
+    """Accuracy vs active MACs (log x), one colour/marker per routing kind, Pareto frontier.
+
+    A checkpoint whose card carries seeds (the sample grid) is drawn at the mean over its
+    seeds with a ± 1 std error bar; `show_seeds` adds every seed as a small dot.
+    paper_reference_trace=True adds a lower panel "MoE − dense gain": this
+    table's gains (`moe_gains`, paired per seed where the cards have seeds) and,
+    clearly labelled, the two gains from the Mobile V-MoE abstract (ImageNet-1k;
+    not comparable in absolute terms).
+    """
+    gains = moe_gains(df) if len(df) else pd.DataFrame()
+    two = paper_reference_trace or not gains.empty
+    fig = make_subplots(rows=2 if two else 1, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35] if two else None,
+                        vertical_spacing=0.08,
+                        subplot_titles=[title] + (["MoE − dense accuracy gain (same depth × width)"] if two else []))
+    for kind, (color, symbol) in ROUTING_STYLE.items():
+        d = df[df["routing"] == kind] if len(df) else df
+        if d.empty:
+            continue
+        y, std, n = _seed_stats(d)
+        spread = [f"mean of {k} seeds ± {s:.2%}" if k > 1 else "one seed" for k, s in zip(n, std.fillna(0))]
+        custom = np.stack([d["name"].astype(str), d["preset"].astype(str), d["top_k"].astype(str),
+                           d["params_total"].astype(str), d["params_active"].astype(str), d["source"].astype(str),
+                           d["dataset"].astype(str), spread], -1)
+        fig.add_scatter(x=d["macs_active"], y=y, mode="markers", name=kind,
+                        error_y={"type": "data", "array": std.fillna(0), "visible": bool((n > 1).any()),
+                                 "color": color},
+                        marker={"color": color, "symbol": symbol, "size": 11, "line": {"width": 1, "color": "white"}},
+                        customdata=custom, row=1, col=1,
+                        hovertemplate="<b>%{customdata[0]}</b> (%{customdata[1]}, %{customdata[6]})<br>"
+                                      "k=%{customdata[2]}<br>%{x:.3s} MACs/image, accuracy %{y:.2%} "
+                                      "(%{customdata[7]})<br>"
+                                      "params %{customdata[3]} total, %{customdata[4]} active<br>"
+                                      "%{customdata[5]}<extra>" + kind + "</extra>")
+        if show_seeds and "seed_accuracies" in d:
+            xs, ys = [], []
+            for macs, accs in zip(d["macs_active"], d["seed_accuracies"]):
+                if isinstance(accs, list):
+                    xs += [macs] * len(accs)
+                    ys += accs
+            if xs:
+                fig.add_scatter(x=xs, y=ys, mode="markers", name=f"{kind}: each seed", row=1, col=1,
+                                marker={"color": color, "symbol": "circle-open", "size": 6},
+                                hovertemplate="one seed: %{y:.2%}<extra></extra>")
+    if show_frontier and "pareto" in df and df["pareto"].any():
+        f = df[df["pareto"]].sort_values("macs_active")
+        fig.add_scatter(x=f["macs_active"], y=f["accuracy"], mode="lines", name="Pareto frontier",
+                        line={"dash": "dot", "color": "grey"}, hoverinfo="skip", row=1, col=1)
+    if two:
+        for kind in ("per-image", "per-token"):
+            g = gains[gains["routing"] == kind] if not gains.empty else gains
+            if g.empty:
+                continue
+            color, symbol = ROUTING_STYLE[kind]
+            std = g["gain_std"].fillna(0) * 100 if "gain_std" in g else None
+            fig.add_scatter(x=g["macs_active"], y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
+                            marker={"color": color, "symbol": symbol, "size": 9},
+                            error_y=None if std is None else {"type": "data", "array": std, "color": color},
+                            customdata=g[["name", "dense_name", "n"]] if "n" in g else g[["name", "dense_name"]],
+                            hovertemplate="%{customdata[0]} − %{customdata[1]}: %{y:+.2f} pp"
+                                          + (" (paired over %{customdata[2]} seeds)" if "n" in g else "")
+                                          + "<extra></extra>",
+                            row=2, col=1)
+        if paper_reference_trace:
+            ref = paper_reference()
+            fig.add_scatter(x=ref["macs"], y=ref["gain"] * 100, mode="markers+text", row=2, col=1,
+                            name="paper: MoE − dense gain (ImageNet-1k, from the abstract)",
+                            marker={"symbol": "star", "size": 13, "color": "black"},
+                            text=[f"{lab}: +{g * 100:.2f} pp" for lab, g in zip(ref["label"], ref["gain"])],
+                            textposition="top center", customdata=ref[["macs_source"]],
+                            hovertemplate="Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k<br>"
+                                          "%{text}<br>x: %{customdata[0]}<extra></extra>")
+        fig.add_hline(y=0, line_color="lightgrey", row=2, col=1)
+        fig.update_yaxes(title_text="gain (accuracy points)", row=2, col=1)
+    fig.update_xaxes(type="log", title_text="active MACs per image (log)", row=2 if two else 1, col=1)
+    if two:
+        fig.update_xaxes(type="log", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=1)
+    fig.update_layout(legend={"orientation": "h", "y": -0.15}, height=650 if two else 450)
+    return fig
+
+
+def _seed_stats(d: pd.DataFrame) -> tuple:
+    """(y, std, n) to plot: the mean over seeds where the table has it, else the accuracy."""
+    if "accuracy_mean" in d:
+        y = d["accuracy_mean"].fillna(d["accuracy"])
+        return y, d["accuracy_std"].astype(float), d["n_seeds"].fillna(1).astype(int)
+    return d["accuracy"], pd.Series(np.nan, index=d.index), pd.Series(1, index=d.index)
+
+
+def sweep_figure(sweep: pd.DataFrame, title: str = "Inference-time routing sweep") -> go.Figure:
+    """Accuracy vs active MACs, one line per capacity ratio, points labelled by k."""
+    fig = go.Figure()
+    groups = sweep.groupby(sweep["capacity_ratio"].fillna(-1), sort=True)
+    for ratio, d in groups:
+        name = "per image (no capacity)" if ratio < 0 else f"C = {ratio:g}"
+        fig.add_scatter(x=d["macs_active"], y=d["accuracy"], mode="lines+markers+text", name=name,
+                        text=[f"k={k}" for k in d["k"]], textposition="top center",
+                        customdata=np.stack([d["k"], d["drop_rate"]], -1),
+                        hovertemplate="k=%{customdata[0]}, drops %{customdata[1]:.1%}<br>"
+                                      "%{x:.3s} MACs, accuracy %{y:.2%}<extra>" + name + "</extra>")
+    fig.update_layout(title=title, xaxis_title="active MACs per image", yaxis_title="accuracy",
+                      yaxis_tickformat=".0%")
+    return fig
+
+
+# ----------------------------------------------------------------------------- training curves
+def metrics_frames(records: Iterable[dict]) -> dict:
+    """metrics.jsonl records -> pandas DataFrames for the Train page's curves.
+
+    `train`: one row per train record (step, epoch, loss, ce, aux_<name>, lr, img_per_s, ...);
+    `eval`: one row per evaluation (epoch, step, test_accuracy, test_loss);
+    `load`: one row per (evaluation, MoE layer, expert) with the expert's share of assignments.
+    """
+    import pandas as pd
+
+    train, evals, load = [], [], []
+    for rec in records:
+        kind = rec.get("type")
+        if kind == "train":
+            row = {k: v for k, v in rec.items() if not isinstance(v, (dict, list))}
+            for name, value in (rec.get("aux") or {}).items():
+                row[f"aux_{name}"] = value
+            train.append(row)
+        elif kind == "eval":
+            evals.append({k: v for k, v in rec.items() if not isinstance(v, (dict, list))})
+            for layer in rec.get("expert_load") or []:
+                for expert, share in enumerate(layer.get("fraction") or []):
+                    load.append({"epoch": rec.get("epoch"), "step": rec.get("step"), "layer": layer.get("layer"),
+                                 "kind": layer.get("kind"), "expert": expert, "share": share,
+                                 "dropped": layer.get("dropped")})
+    return {"train": pd.DataFrame(train), "eval": pd.DataFrame(evals), "load": pd.DataFrame(load)}
+
+
+
+def loss_figure(train) -> go.Figure:
+    """Total loss and cross-entropy per logged step; auxiliary losses on a second axis."""
+    fig = go.Figure()
+    for col, label in [("loss", "total loss"), ("ce", "cross-entropy")] + [
+            (c, c.removeprefix("aux_") + " (aux)") for c in train.columns if c.startswith("aux_")]:
+        if col in train:
+            fig.add_scatter(x=train["step"], y=train[col], mode="lines+markers", name=label,
+                            yaxis="y2" if col.startswith("aux_") else "y")
+    fig.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", height=320,
+                      yaxis2=dict(title="auxiliary loss", overlaying="y", side="right", showgrid=False),
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def accuracy_figure(train, evals) -> go.Figure:
+    """Batch train accuracy per logged step and test accuracy per evaluation."""
+    fig = go.Figure()
+    if "train_accuracy" in train:
+        fig.add_scatter(x=train["step"], y=100 * train["train_accuracy"], mode="lines+markers", name="train (batch)")
+    if "test_accuracy" in evals:
+        fig.add_scatter(x=evals["step"], y=100 * evals["test_accuracy"], mode="lines+markers", name="test",
+                        marker=dict(size=10), text=[f"epoch {e}" for e in evals["epoch"]])
+    fig.update_layout(title="Accuracy", xaxis_title="step", yaxis_title="accuracy (%)", height=320,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def training_load_figure(load) -> go.Figure:
+    """Each expert's share at the last evaluation of a run, one bar group per MoE block."""
+    last = load[load["epoch"] == load["epoch"].max()]
+    fig = go.Figure()
+    for layer, part in last.groupby("layer"):
+        fig.add_bar(x=[f"expert {e}" for e in part["expert"]], y=100 * part["share"], name=f"block {layer}")
+    n = last["expert"].nunique()
+    fig.add_hline(y=100 / max(1, n), line_dash="dash", annotation_text="uniform 1/E")
+    kind = last["kind"].iloc[0] if len(last) else "image"
+    fig.update_layout(title=f"Expert load at epoch {last['epoch'].max()} ({kind}s per expert, test split)",
+                      yaxis_title=f"% of {kind} assignments", barmode="group", height=320,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig

@@ -365,16 +365,24 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(tmp_path):
 
 
 # ----------------------------------------------------------------------------- layering
-def test_the_library_never_imports_analysis():
-    """workbench/ is the library; only the pipeline (the one orchestrator) may import analysis/."""
+def _imports(folder: str) -> list:
+    """(file name, top-level module) of every import under REPO/folder, function-local ones too."""
     import ast
 
-    offenders = []
-    for path in sorted((REPO / "workbench").rglob("*.py")):
-        if path.name == "pipeline.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):   # function-local imports too
+    found = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "analysis"]
-    assert offenders == []
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [(path.name, n.split(".")[0]) for n in names]
+    return found
+
+
+def test_the_library_never_imports_analysis():
+    """workbench/ is the library; only the pipeline (the one orchestrator) may import analysis/."""
+    assert [(f, m) for f, m in _imports("workbench") if m == "analysis" and f != "pipeline.py"] == []
+
+
+def test_analysis_returns_tables_and_pages_draw_them():
+    """analysis/ is statistics only: no plotly and no Streamlit (figures are pages/figures.py's)."""
+    assert [(f, m) for f, m in _imports("analysis") if m in ("plotly", "streamlit", "pages")] == []

@@ -143,6 +143,20 @@ def test_per_token_moe_equals_a_slow_loop_over_experts_including_drops():
     assert torch.allclose(fast.reshape(-1, 64), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("expert", [0, 3])
+def test_batch_one_fast_path_equals_the_general_dispatch(expert):
+    """One image, k = 1 (the mobile case) skips the sort/gather/scatter: same numbers, same gradients."""
+    experts = Experts(4, 16, 32)
+    x = torch.randn(1, 5, 16, requires_grad=True)
+    chosen, gate = torch.tensor([[expert]]), torch.tensor([[0.7]])
+    fast = experts(x, chosen, gate)
+    ref = slow_reference_moe(x.detach(), experts, chosen, gate, torch.ones(1, 1, dtype=torch.bool))
+    assert torch.allclose(fast, ref, atol=1e-6)
+    fast.sum().backward()
+    assert experts.fc1_weight.grad[expert].abs().sum() > 0
+    assert experts.fc1_weight.grad[[e for e in range(4) if e != expert]].abs().sum() == 0
+
+
 def test_dispatch_never_runs_unselected_experts():
     model = create_model("mvmoe-2x64-e4k1").eval()
     calls = []

@@ -46,6 +46,11 @@ class Experts(nn.Module):
         if torch.compiler.is_exporting():
             return self.forward_gathered(x, experts, weights, kept)
         N, k = experts.shape
+        if N * k == 1 and kept is None:
+            # one item, one choice (a per-image MoE at batch 1, the mobile case): run that expert
+            # directly; no sort, gather or scatter around a single call
+            y = self.expert(int(experts.reshape(())), x)
+            return y.to(x.dtype) * weights.reshape(()).to(x.dtype)
         assignment = torch.arange(N * k, device=x.device)              # item * k + choice
         if kept is not None:
             assignment = assignment[kept.reshape(-1)]

@@ -263,6 +263,27 @@ def test_resume_refuses_a_different_model(tmp_path):
         run(out, max_steps=4)
 
 
+def test_a_folder_another_live_trainer_writes_is_refused_and_left_alone(tmp_path):
+    from workbench import procs
+    from workbench.runs import RunBusy
+
+    out = tmp_path / "run"
+    run(out, max_steps=2)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = status(out)
+        (out / "status.json").write_text(json.dumps({**state, "state": "running", "pid": other.pid,
+                                                     "proc_start": procs.start_time(other.pid)}))
+        before = (out / "model.safetensors").read_bytes()
+        with pytest.raises(RunBusy, match=f"being trained by process {other.pid} right now"):
+            run(out, max_steps=4, resume=True)
+        assert (out / "model.safetensors").read_bytes() == before
+    finally:
+        other.kill()
+        other.wait()
+    run(out, max_steps=4, resume=True)        # that trainer is gone: the folder is free again
+
+
 def test_a_run_saved_before_train_config_still_resumes(tmp_path):
     """Resume states written by the preset + overrides version are converted, not refused."""
     from safetensors import safe_open

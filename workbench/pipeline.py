@@ -29,10 +29,11 @@ from typing import Optional, Sequence
 
 from .checkpoint import read_card
 from . import snapshots
-from .runs import atomic_copy, atomic_write_bytes, atomic_write_json
+from .runs import RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json
 
 DEFAULT_DENSE = {"synthetic": "vit-4x64"}
-RECIPE_FIELDS = ("epochs", "batch_size", "lr", "label_smoothing", "augmentation")  # passed to TrainConfig when given
+RECIPE_FIELDS = ("epochs", "batch_size", "lr", "label_smoothing", "augmentation",  # to TrainConfig when given
+                 "threads")
 DEFAULT_EPOCHS = {"synthetic": 12}
 
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentation", choices=("crop-flip", "flip", "none"), default=None,
                    help="training augmentation (default: workbench.train's, crop-flip)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for training (default: all cores); two pipelines side by side on a "
+                        "small CPU each take half")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e]",
                    help="also train this preset with the same recipe (e.g. vmoe-6x96-e8k2, or "
@@ -562,7 +566,11 @@ def run_grid(args: argparse.Namespace) -> None:
                                             "dense": dense, "seed": seed, "grid": None, "export": None,
                                             "extra": list(args.extra) + (extras if with_extras else []),
                                             "results": str(base / size / f"seed-{seed}" / "results.csv")})
-                reports[(size, seed)] = run(sub)
+                try:
+                    reports[(size, seed)] = run(sub)
+                except RunBusy as e:   # another worker trains this seed now: go on with the next one
+                    _say(args, f"{size} seed {seed} skipped: {e}")
+                    continue
                 _write_grid(args, base, reports)
     print(grid_table(grid_rows(reports)))
 

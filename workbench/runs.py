@@ -185,6 +185,20 @@ def read_json(path: PathLike) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+class RunBusy(ValueError):
+    """Another live process is training into this run folder."""
+
+
+def training_pid(run_dir: PathLike) -> Optional[int]:
+    """The pid of a live trainer writing this run folder now (status.json says running and
+    that very process is alive), else None: two trainers must never share a folder."""
+    status = read_json(Path(run_dir) / STATUS_FILE) or {}
+    pid = status.get("pid")
+    if status.get("state") != "running" or not isinstance(pid, int) or pid == os.getpid():
+        return None
+    return pid if procs.pid_alive(pid, status.get("proc_start")) else None
+
+
 def parse_jsonl(data: bytes) -> list[dict]:
     """Complete JSON-object lines of `data`; a cut, garbled or non-UTF-8 line is skipped."""
     records = []

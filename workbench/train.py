@@ -49,7 +49,7 @@ from .evaluate import eval_record, evaluate, to_batch  # noqa: F401 (evaluate is
 from .flops import count_macs
 from .models import build_model
 from .progress import Progress, fmt_time
-from .runs import RunLog, atomic_write_json, clean_temp_files, now_iso, truncate_metrics
+from .runs import RunBusy, RunLog, atomic_write_json, clean_temp_files, now_iso, training_pid, truncate_metrics
 from .train_config import TrainConfig, fit_to_dataset, from_args, parse_args, parse_overrides  # noqa: F401
 
 _RESUME_MUST_MATCH = ("model", "dataset", "holdout", "seed", "batch_size")
@@ -267,6 +267,10 @@ def _comparable(saved: dict, spec: dict) -> dict:
 
 def resume_or_start(cfg: TrainConfig, plan: Plan, raw, optimizer, run_dir: Path, spec: dict) -> State:
     """Restore the saved state (--resume), or check that the folder holds no other run."""
+    busy = training_pid(run_dir)
+    if busy is not None:
+        raise RunBusy(f"{run_dir} is being trained by process {busy} right now; wait for it to end or stop "
+                         "it before training into this folder")
     if not cfg.resume:
         if (run_dir / TRAIN_STATE).exists() or (run_dir / "card.json").exists():
             raise ValueError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")

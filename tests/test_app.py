@@ -451,3 +451,18 @@ def test_the_pipeline_panel_offers_every_choice_and_a_finished_run_opens_its_mod
     assert at.session_state["sel_ckpt"] == "runs/pipe/moe"
     labels = at.sidebar.selectbox(key="w_ckpt").options
     assert any(label.startswith("pipe/moe (mvmoe-2x32-e4k1)") for label in labels), labels
+
+
+def test_a_pipeline_model_shows_its_run_report_on_the_overview(open_page, tmp_path):
+    from conftest import save_tiny_checkpoint
+    from workbench.data import load_dataset
+
+    ds = load_dataset("synthetic", "test")
+    save_tiny_checkpoint(tmp_path / "samples" / "vit-2x32", "vit-2x32", ds)
+    _finished_pipeline(tmp_path / "runs" / "pipe", ds)
+    at = open_page(tmp_path / "samples", "vit-2x32", "pages/overview.py")
+    assert not [e for e in at.expander if "pipeline run" in e.label]     # a sample: no pipeline report
+    at.sidebar.selectbox(key="w_ckpt").set_value("runs/pipe/moe").run()
+    assert not at.exception
+    assert any("pipeline run `pipe`" in e.label for e in at.expander)
+    assert any("the report's own words" in m.value for m in at.markdown)

@@ -251,6 +251,22 @@ def test_a_tiny_real_training_job_finishes_with_a_loadable_checkpoint(runs):
     assert card["preset"] == "mvmoe-2x64-e2k1" and card["config"]["moe_layers"] == [1]
 
 
+def test_an_image_folder_to_train_on_must_lie_in_a_data_folder(tmp_path, monkeypatch):
+    from workbench import paths
+
+    data = tmp_path / "data"
+    (data / "flowers").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("WORKBENCH_DATA_ROOTS", str(data))
+    assert paths.data_folder("flowers") == paths.data_folder(str(data / "flowers")) == (data / "flowers").resolve()
+    jobs.validate_dataset(f"imagefolder:{data / 'flowers'}")
+    for bad in (str(tmp_path / "elsewhere"), "../elsewhere", str(data), "no-such-folder"):
+        with pytest.raises(paths.DataLocationError, match="is not a folder inside a data folder"):
+            paths.data_folder(bad)
+    with pytest.raises(ValueError, match="inside a data folder"):
+        jobs.validate_dataset(f"imagefolder:{tmp_path / 'elsewhere'}")
+
+
 # ----------------------------------------------------------------------------- the whole pipeline as a job
 TINY_PIPELINE = dict(dataset="synthetic", depth=2, width=32, epochs=1, holdout=0.9, batch_size=512,
                      precision="fp32", method="spectral")

@@ -140,7 +140,7 @@ if history:
 pipeline_report = runs.pipeline_report(path.parent)   # a model of a pipeline run: that run's report
 if pipeline_report is not None and path.name in runs.pipeline_checkpoints(path.parent):
     with st.expander(f"Report of the pipeline run `{path.parent.name}` that trained this model"):
-        st.markdown(pipeline_report)
+        st.markdown(pipeline_report.replace("# ", "#### ", 1) if pipeline_report.startswith("# ") else pipeline_report)
 
 with st.expander("Full card (JSON)"):
     st.json({k: v for k, v in card.items() if k not in ("confusion", "history")}, expanded=False)

@@ -27,7 +27,9 @@ DATASET_HELP = {
     "tiny-imagenet": "200 WordNet classes, 64×64 RGB (python -m workbench.data download tiny-imagenet)",
     "imagefolder": "your own images: one sub-folder per class, inside a data folder",
 }
-STAGE_ICONS = {"done": "✅", "running": "⏳", "waiting": "▫️", "stopped": "⏹️", "failed": "❌", "cancelled": "⏹️"}
+STAGE_ICONS = {"done": ":material/check_circle:", "running": ":material/progress_activity:",  # (Streamlit's icon
+               "waiting": ":material/radio_button_unchecked:", "stopped": ":material/stop_circle:",  # font: no
+               "failed": ":material/error:", "cancelled": ":material/stop_circle:"}                 # emoji needed)
 SC_NONE, SC_PAGE, SC_FILE, SC_REF = ("None: the router learns end to end (V-MoE balancing losses)",
                                      "The map from the Super-classes page", "Upload a map file (JSON)",
                                      "The dataset's reference hierarchy")
@@ -183,15 +185,15 @@ def pipeline_form() -> None:
     p_width = d2.selectbox("Width D", ["default", 64, 96, 192, 384], key="tr_pipe_width",
                            help="Default: 96, or 64 on synthetic.")
     e1, e2 = q2.columns(2)
-    p_groups = e1.number_input("Super-classes = experts E (0 = default)", 0, 64, 0, key="tr_pipe_E",
-                               help="Default: ceil(√classes) clamped to 2..10. At most the number of classes.")
+    p_groups = e1.number_input("Super-classes E (0 = default)", 0, 64, 0, key="tr_pipe_E",
+                               help="Super-classes = experts. Default: ceil(√classes) clamped to 2..10; at most the number of classes.")
     p_k = e2.number_input("k (experts per image)", 1, 64, 1, key="tr_pipe_k")
     methods = clustering_methods()
     p_method = q2.selectbox("Super-class discovery", methods, key="tr_pipe_method",
-                            format_func=lambda m: "auto: router-aware (every clustering scored by a linear probe "
-                                                  "at the router's input)" if m == "auto" else m,
-                            help="auto picks the grouping the router can learn best; 'spectral' is the paper's "
-                                 "single clustering of the confusion graph.")
+                            format_func=lambda m: "auto (router-aware)" if m == "auto" else m,
+                            help="auto scores every clustering by a linear probe on the dense model's features at "
+                                 "the router's input and keeps the grouping the router can learn best; 'spectral' "
+                                 "is the paper's single clustering of the confusion graph.")
     r1, r2, r3 = st.columns(3)
     p_lambda = r1.number_input("λ (super-class loss weight)", 0.0, 100.0,
                                float(ModelConfig.__dataclass_fields__["superclass_loss_weight"].default),
@@ -251,7 +253,7 @@ def pipeline_stages(row: dict) -> None:
     if report is None:
         return
     with st.expander("Pipeline report", expanded=row["state"] == "finished"):
-        st.markdown(report)
+        st.markdown(report.replace("# ", "#### ", 1) if report.startswith("# ") else report)  # a section here
     models = runs.pipeline_checkpoints(row["run_dir"])
     for col, (name, path) in zip(st.columns(max(1, len(models))), models.items()):
         if col.button(f"Open {name} in the checkpoint picker", key=f"tr_open_{name}"):

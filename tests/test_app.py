@@ -444,7 +444,7 @@ def test_the_pipeline_panel_offers_every_choice_and_a_finished_run_opens_its_mod
     assert any("enter the image folder" in e.value for e in at.error), [e.value for e in at.error]
 
     stages = next(m.value for m in at.markdown if "Dense baseline" in m.value).replace("\\", "")  # (markdown escapes)
-    assert stages.count("✅") == 5 and "E = 4 by spectral" in stages and "moe 50.00%" in stages
+    assert stages.count(": done") == 5 and "E = 4 by spectral" in stages and "moe 50.00%" in stages
     assert any("the report's own words" in m.value for m in at.markdown)
     at.button(key="tr_open_moe").click().run()
     assert not at.exception

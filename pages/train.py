@@ -186,7 +186,8 @@ def pipeline_form() -> None:
                            help="Default: 96, or 64 on synthetic.")
     e1, e2 = q2.columns(2)
     p_groups = e1.number_input("Super-classes E (0 = default)", 0, 64, 0, key="tr_pipe_E",
-                               help="Super-classes = experts. Default: ceil(√classes) clamped to 2..10; at most the number of classes.")
+                               help="Super-classes = experts. Default: ceil(√classes) clamped to 2..10; "
+                                    "at most the number of classes.")
     p_k = e2.number_input("k (experts per image)", 1, 64, 1, key="tr_pipe_k")
     methods = clustering_methods()
     p_method = q2.selectbox("Super-class discovery", methods, key="tr_pipe_method",

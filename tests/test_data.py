@@ -294,7 +294,8 @@ def test_imagefolder_unreadable_image_names_the_file(tmp_path):
 def test_imagefolder_hierarchy_must_cover_every_class(tmp_path):
     root = write_imagefolder(tmp_path / "imgs")
     (root / "hierarchy.json").write_text(json.dumps({"cat": 0, "dog": 1}))
-    with pytest.raises(DatasetError, match=r"hierarchy.json: must map every class folder to a group; missing \['frog'\]"):
+    with pytest.raises(DatasetError, match=r"hierarchy.json: must map every class folder to a group; "
+                                           r"missing \['frog'\]"):
         load_dataset(f"imagefolder:{root}", "train")
 
 

@@ -44,7 +44,8 @@ def test_pipeline_options_cannot_move_output_outside_the_run(runs, tmp_path, fie
 
     elsewhere = tmp_path / "elsewhere"
     with pytest.raises(ValueError, match="outside the run's folder"):
-        jobs.start_pipeline(PipelineConfig(dataset="synthetic", epochs=1, **{field: str(elsewhere)}), root=runs, limit=5)
+        jobs.start_pipeline(PipelineConfig(dataset="synthetic", epochs=1, **{field: str(elsewhere)}), root=runs,
+                            limit=5)
     assert not elsewhere.exists()
     assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
 

@@ -353,7 +353,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 2
 
 
-__all__ = ["PipelineConfig", "JobError", "start_training", "start_pipeline", "check_pipeline", "start_command", "check_training",
+__all__ = ["PipelineConfig", "JobError", "start_training", "start_pipeline", "check_pipeline", "start_command",
+           "check_training",
            "cancel", "wait", "max_jobs", "validate_dataset", "read_superclass_file", "pipeline_available",
            "supervise", "list_jobs", "job_state", "resolve_run", "pid_alive", "DATASETS", "STATES"]
 

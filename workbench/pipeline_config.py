@@ -44,7 +44,8 @@ def clustering_methods() -> list[str]:
 class PipelineConfig:
     """Every choice of one pipeline run. Field `x_y` is the CLI flag `--x-y`; None means the dataset's default."""
 
-    dataset: str = "fashion-mnist"          # fashion-mnist | cifar10 | cifar100 | tiny-imagenet | imagefolder:PATH | synthetic
+    dataset: str = "fashion-mnist"          # fashion-mnist | cifar10 | cifar100 | tiny-imagenet
+    #                                         | imagefolder:PATH | synthetic
     data_root: Optional[str] = None         # where the dataset files are (None: the usual places)
     depth: Optional[int] = None             # blocks L of the dense baseline and the MoE (None: 6; 4 on synthetic)
     width: Optional[int] = None             # width D (None: 96; 64 on synthetic)

@@ -287,8 +287,9 @@ def refresh_checkpoints() -> None:
 def card_label(path: Path, card: dict) -> str:
     acc = (card.get("metrics") or {}).get("test_accuracy")
     acc_txt = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "n/a"
-    where = "run" if ckpt_ref(path).startswith("runs/") else "sample"
-    name, preset = Path(path).name, short(card.get("preset"), 40)
+    ref = ckpt_ref(path)
+    where = "run" if ref.startswith("runs/") else "sample"
+    name, preset = ref.split("/", 1)[-1], short(card.get("preset"), 40)   # pipeline models: <run>/dense, <run>/moe
     head = name if name == preset else f"{name} ({preset})"
     return f"{head} · {short(card.get('dataset'), 40)} · {acc_txt} · {where}"
 

@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages.common import checkpoint_picker, get_model, md, open_checkpoint
+from workbench import runs
 
 FAMILY_TEXT = {
     "vit": "Dense ViT: every block runs its MLP on every token (the baseline).",
@@ -135,6 +136,11 @@ if history:
         ys = [c for c in numeric if word in c]
         if ys:
             col.plotly_chart(px.line(hist, x=x, y=ys, markers=True, title=word), key=f"history_{word}")
+
+pipeline_report = runs.pipeline_report(path.parent)   # a model of a pipeline run: that run's report
+if pipeline_report is not None and path.name in runs.pipeline_checkpoints(path.parent):
+    with st.expander(f"Report of the pipeline run `{path.parent.name}` that trained this model"):
+        st.markdown(pipeline_report.replace("# ", "#### ", 1) if pipeline_report.startswith("# ") else pipeline_report)
 
 with st.expander("Full card (JSON)"):
     st.json({k: v for k, v in card.items() if k not in ("confusion", "history")}, expanded=False)

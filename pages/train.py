@@ -11,6 +11,7 @@ from pages import common
 from pages.figures import accuracy_figure, loss_figure, metrics_frames, training_load_figure
 from workbench import jobs, paths, runs
 from workbench.models.config import ModelConfig, preset_name
+from workbench.pipeline_config import PipelineConfig
 from workbench.train_config import PRECISIONS, TrainConfig, model_from_fields, parse_overrides
 
 FAMILIES = {
@@ -23,8 +24,12 @@ DATASET_HELP = {
     "fashion-mnist": "10 classes of 28×28 clothing images (Debian package dataset-fashion-mnist)",
     "cifar10": "10 classes, 32×32 RGB (the python-pickle files in a local folder)",
     "cifar100": "100 classes, 32×32 RGB, with 20 official coarse classes",
-    "imagefolder": "your own images: one sub-folder per class",
+    "tiny-imagenet": "200 WordNet classes, 64×64 RGB (python -m workbench.data download tiny-imagenet)",
+    "imagefolder": "your own images: one sub-folder per class, inside a data folder",
 }
+STAGE_ICONS = {"done": ":material/check_circle:", "running": ":material/progress_activity:",  # (Streamlit's icon
+               "waiting": ":material/radio_button_unchecked:", "stopped": ":material/stop_circle:",  # font: no
+               "failed": ":material/error:", "cancelled": ":material/stop_circle:"}                 # emoji needed)
 SC_NONE, SC_PAGE, SC_FILE, SC_REF = ("None: the router learns end to end (V-MoE balancing losses)",
                                      "The map from the Super-classes page", "Upload a map file (JSON)",
                                      "The dataset's reference hierarchy")
@@ -35,7 +40,31 @@ st.caption("Start a short training run; it runs in the background, survives a pa
 common.checkpoint_picker()
 
 
-# ----------------------------------------------------------------------------- the form
+# ----------------------------------------------------------------------------- the forms
+def dataset_choice(container, key: str, folder_key: str) -> str:
+    """The dataset widgets both forms share -> the name typed so far (`imagefolder:TEXT` for a folder)."""
+    kind = container.selectbox("Dataset", list(DATASET_HELP), key=key,
+                               help="synthetic needs no download and trains in seconds.")
+    container.caption(DATASET_HELP[kind])
+    if kind != "imagefolder":
+        return kind
+    folder = container.text_input(
+        "Image folder", key=folder_key, placeholder="flowers, or /path/to/data/flowers",
+        help="A folder of class sub-folders (and an optional hierarchy.json) inside a data folder: "
+             + ", ".join(map(str, paths.data_roots())) + ". Relative names are looked up in them.")
+    return f"{paths.IMAGEFOLDER}{folder.strip()}"
+
+
+def dataset_name(chosen: str) -> str:
+    """The dataset to start with: an image folder resolved inside the data folders (ValueError if not)."""
+    if not chosen.startswith(paths.IMAGEFOLDER):
+        return chosen
+    folder = chosen[len(paths.IMAGEFOLDER):]
+    if not folder:
+        raise ValueError("enter the image folder (one sub-folder of images per class)")
+    return f"{paths.IMAGEFOLDER}{paths.data_folder(folder)}"
+
+
 def superclass_choice(family: str, dataset: str):
     """The super-class map widgets (per-image models only) -> (map | "reference" | None, its group count)."""
     if family != "mvmoe":
@@ -78,20 +107,14 @@ def shape_fields(family: str, depth: int, width: int, num_experts: int, top_k: i
 with st.container(border=True):
     st.subheader("New run")
     c1, c2 = st.columns(2)
-    kind = c1.selectbox("Dataset", ["synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder"],
-                        key="tr_dataset", help="synthetic needs no download and trains in seconds.")
-    c1.caption(DATASET_HELP[kind])
-    dataset = kind
-    if kind == "imagefolder":
-        folder = c1.text_input("Image folder", key="tr_folder", placeholder="/path/to/folder with class sub-folders")
-        dataset = f"imagefolder:{folder.strip()}"
+    dataset = dataset_choice(c1, "tr_dataset", "tr_folder")
     family = c2.selectbox("Model family", list(FAMILIES), format_func=FAMILIES.get, key="tr_family")
     d1, d2 = c2.columns(2)
     depth = d1.number_input("Depth L (blocks)", 1, 24, 4, key="tr_depth")
     width = d2.selectbox("Width D", [64, 96, 192, 384], key="tr_width")
 
     with c1:
-        sc_map, sc_groups = superclass_choice(family, kind)
+        sc_map, sc_groups = superclass_choice(family, dataset)
     e_col, k_col = c2.columns(2)
     num_experts, top_k = 0, 1
     if family != "vit":
@@ -133,7 +156,7 @@ if start:
             raise ValueError("the uploaded super-class map is not valid (see the message above)")
         overrides = parse_overrides([line.strip() for line in raw_overrides.splitlines() if line.strip()])
         cfg = TrainConfig(
-            model=model_from_fields(shape, overrides, "the shape chosen above"), dataset=dataset,
+            model=model_from_fields(shape, overrides, "the shape chosen above"), dataset=dataset_name(dataset),
             superclasses="reference" if sc_map == "reference" else None, epochs=int(epochs),
             max_steps=int(max_steps) or None, batch_size=int(batch), precision=precision, lr=float(lr),
             seed=int(seed))
@@ -146,23 +169,59 @@ if start:
         st.session_state["tr_selected"] = run_dir.name
         st.success(f"Started **{run_dir.name}**. Follow it below.")
 
+
+def pipeline_form() -> None:
+    """Every choice of `python -m workbench.pipeline` a user sets, as one PipelineConfig for the jobs API."""
+    from workbench.pipeline import clustering_methods
+
+    st.caption("Trains a dense baseline, clusters its held-out confusion graph into E super-classes and trains a "
+               "Mobile V-MoE of the same depth and width whose router predicts them; both checkpoints appear in "
+               "the picker with the pipeline's report.")
+    q1, q2 = st.columns(2)
+    p_dataset = dataset_choice(q1, "tr_pipe_ds", "tr_pipe_folder")
+    d1, d2 = q2.columns(2)
+    p_depth = d1.number_input("Depth L (0 = default)", 0, 24, 0, key="tr_pipe_depth",
+                              help="Blocks of both models. Default: 6, or 4 on synthetic.")
+    p_width = d2.selectbox("Width D", ["default", 64, 96, 192, 384], key="tr_pipe_width",
+                           help="Default: 96, or 64 on synthetic.")
+    e1, e2 = q2.columns(2)
+    p_groups = e1.number_input("Super-classes E (0 = default)", 0, 64, 0, key="tr_pipe_E",
+                               help="Super-classes = experts. Default: ceil(√classes) clamped to 2..10; "
+                                    "at most the number of classes.")
+    p_k = e2.number_input("k (experts per image)", 1, 64, 1, key="tr_pipe_k")
+    methods = clustering_methods()
+    p_method = q2.selectbox("Super-class discovery", methods, key="tr_pipe_method",
+                            format_func=lambda m: "auto (router-aware)" if m == "auto" else m,
+                            help="auto scores every clustering by a linear probe on the dense model's features at "
+                                 "the router's input and keeps the grouping the router can learn best; 'spectral' "
+                                 "is the paper's single clustering of the confusion graph.")
+    r1, r2, r3 = st.columns(3)
+    p_lambda = r1.number_input("λ (super-class loss weight)", 0.0, 100.0,
+                               float(ModelConfig.__dataclass_fields__["superclass_loss_weight"].default),
+                               step=0.1, key="tr_pipe_lambda", help="L = L_cls + λ · L_router")
+    p_epochs = r2.number_input("Epochs per model (0 = default)", 0, jobs.MAX_EPOCHS, 0, key="tr_pipe_epochs",
+                               help="Default: 10, or 12 on synthetic.")
+    p_seed = r3.number_input("Seed", 0, 2**31 - 1, 0, key="tr_pipe_seed")
+    p_name = st.text_input("Pipeline run name (optional)", key="tr_pipe_name", max_chars=64)
+    if not st.button("Start pipeline", key="tr_pipe_start"):
+        return
+    try:
+        cfg = PipelineConfig(dataset=dataset_name(p_dataset), depth=int(p_depth) or None,
+                             width=None if p_width == "default" else int(p_width), num_groups=int(p_groups) or None,
+                             top_k=int(p_k), method=p_method, superclass_loss_weight=float(p_lambda),
+                             epochs=int(p_epochs) or None, seed=int(p_seed))
+        with st.spinner("Checking the dataset and starting…"):
+            run_dir = jobs.start_pipeline(cfg, name=p_name.strip() or None)
+    except ValueError as e:  # every validation error is a ValueError with a plain message
+        st.error(f"Not started: {e}")
+    else:
+        st.session_state["tr_selected"] = run_dir.name
+        st.success(f"Started **{run_dir.name}**. Follow its stages below.")
+
+
 if jobs.pipeline_available():
     with st.expander("Run the whole paper pipeline instead (dense baseline → confusion → super-classes → MoE)"):
-        st.caption("Trains a dense baseline, clusters its held-out confusion graph into super-classes and trains "
-                   "a Mobile V-MoE whose router predicts them; both checkpoints appear in the picker.")
-        q1, q2 = st.columns(2)
-        p_dataset = q1.selectbox("Dataset", ["synthetic", "fashion-mnist", "cifar10", "cifar100"], key="tr_pipe_ds")
-        p_epochs = q2.number_input("Epochs per model (0 = the pipeline's default)", 0, jobs.MAX_EPOCHS, 0,
-                                   key="tr_pipe_epochs")
-        if st.button("Start pipeline", key="tr_pipe_start"):
-            try:
-                extra = ["--epochs", str(int(p_epochs))] if p_epochs else []
-                run_dir = jobs.start_pipeline(jobs.PipelineOptions(dataset=p_dataset, extra_args=extra))
-            except ValueError as e:
-                st.error(f"Not started: {e}")
-            else:
-                st.session_state["tr_selected"] = run_dir.name
-                st.success(f"Started **{run_dir.name}**.")
+        pipeline_form()
 
 
 # ----------------------------------------------------------------------------- jobs and live curves
@@ -179,6 +238,27 @@ def jobs_table(rows):
     st.dataframe(table, hide_index=True, width="stretch", key="tr_jobs_table",
                  column_config={"test acc %": st.column_config.NumberColumn(format="%.2f"),
                                 "loss": st.column_config.NumberColumn(format="%.4f")})
+
+
+def open_in_picker(checkpoint) -> None:
+    st.session_state[common.CKPT_KEY] = common.ckpt_ref(checkpoint)
+    st.rerun(scope="app")
+
+
+def pipeline_stages(row: dict) -> None:
+    """The pipeline's stages read back from its folder; when it is done, its report and its models."""
+    stages = runs.pipeline_progress(row["run_dir"], running=row["state"] == "running")
+    st.markdown("\n".join(f"- {STAGE_ICONS.get(s['state'], '')} **{s['label']}**: {s['state']}"
+                          + (f" · {common.md(s['detail'])}" if s["detail"] else "") for s in stages))
+    report = runs.pipeline_report(row["run_dir"])
+    if report is None:
+        return
+    with st.expander("Pipeline report", expanded=row["state"] == "finished"):
+        st.markdown(report.replace("# ", "#### ", 1) if report.startswith("# ") else report)  # a section here
+    models = runs.pipeline_checkpoints(row["run_dir"])
+    for col, (name, path) in zip(st.columns(max(1, len(models))), models.items()):
+        if col.button(f"Open {name} in the checkpoint picker", key=f"tr_open_{name}"):
+            open_in_picker(path)
 
 
 def show_job(row: dict) -> None:
@@ -203,14 +283,17 @@ def show_job(row: dict) -> None:
     elif state == "cancelled":
         st.warning(f"**{row['name']}** was cancelled after {row['elapsed']}."
                    + (" Its last complete checkpoint is still in the picker." if row["checkpoint"] else ""))
+    elif row["kind"] == "pipeline":
+        st.success(f"**{row['name']}** finished in {row['elapsed']}: its models are in the sidebar checkpoint picker.")
     else:
         acc = row["test_accuracy"]
         st.success(f"**{row['name']}** finished in {row['elapsed']}"
                    + (f" with test accuracy {100 * acc:.2f}%" if acc is not None else "")
                    + ". It is in the sidebar checkpoint picker.")
         if row["checkpoint"] and st.button("Open it in the checkpoint picker", key="tr_open"):
-            st.session_state[common.CKPT_KEY] = common.ckpt_ref(row["checkpoint"])
-            st.rerun(scope="app")
+            open_in_picker(row["checkpoint"])
+    if row["kind"] == "pipeline":
+        pipeline_stages(row)
 
     frames = metrics_frames(runs.read_metrics(row["run_dir"]))
     train, evals, load = frames["train"], frames["eval"], frames["load"]

@@ -404,3 +404,65 @@ def test_routing_and_learn_pages_show_the_capacity_rule_in_use(app_env):
     assert "rounded up to a multiple of 4" in _texts(at)
     at = _select(_app("learn"), "samples/vmoe-4x32-e4k2")
     assert "rounded up to a multiple of 4" in _texts(at) and at.latex
+
+
+# ----------------------------------------------------------------------------- the Train page's pipeline panel
+def _finished_pipeline(run: Path, ds) -> None:
+    """A pipeline run folder as workbench.pipeline leaves it (tiny untrained models, files as written)."""
+    from conftest import save_tiny_checkpoint
+
+    save_tiny_checkpoint(run / "dense", "vit-2x32", ds)
+    save_tiny_checkpoint(run / "moe", "mvmoe-2x32-e4k1", ds)
+    for stage, preset in (("dense", "vit-2x32"), ("moe", "mvmoe-2x32-e4k1")):
+        (run / stage / "status.json").write_text(json.dumps({"state": "finished", "model": preset, "epoch": 1,
+                                                             "epochs": 1, "last_eval": {"test_accuracy": 0.5}}))
+    (run / "confusion.json").write_text(json.dumps({"accuracy": 0.25}))
+    (run / "clustering.json").write_text(json.dumps({"method": "spectral", "num_groups": 4}))
+    (run / "report.json").write_text(json.dumps({"rows": [{"model": "moe", "test_accuracy": 0.5}]}))
+    (run / "report.md").write_text("# Pipeline report: synthetic\n\nthe report's own words\n")
+    (run / "job.json").write_text(json.dumps({"kind": "pipeline", "name": run.name, "started_ts": 1.0,
+                                              "options": {"model": "vit-2x32 → mvmoe-2x32-e4k1"}}))
+    (run / "exit.json").write_text(json.dumps({"returncode": 0, "ended_ts": 2.0}))
+
+
+def test_the_pipeline_panel_offers_every_choice_and_a_finished_run_opens_its_models(open_page, tmp_path):
+    from conftest import save_tiny_checkpoint
+    from workbench.data import load_dataset
+
+    ds = load_dataset("synthetic", "test")
+    save_tiny_checkpoint(tmp_path / "samples" / "vit-2x32", "vit-2x32", ds)
+    _finished_pipeline(tmp_path / "runs" / "pipe", ds)
+    at = open_page(tmp_path / "samples", "vit-2x32", "pages/train.py")
+    assert not at.exception
+    keys = {w.key for kind in ("selectbox", "number_input", "text_input") for w in at.get(kind)}
+    assert keys >= {"tr_pipe_ds", "tr_pipe_depth", "tr_pipe_width", "tr_pipe_E", "tr_pipe_k", "tr_pipe_method",
+                    "tr_pipe_lambda", "tr_pipe_epochs", "tr_pipe_seed"}
+    assert "tiny-imagenet" in at.selectbox(key="tr_pipe_ds").options
+    assert "auto" in at.selectbox(key="tr_pipe_method").value
+    at.selectbox(key="tr_pipe_ds").set_value("imagefolder").run()
+    at.button(key="tr_pipe_start").click().run()        # no folder typed: said plainly, nothing started
+    assert any("enter the image folder" in e.value for e in at.error), [e.value for e in at.error]
+
+    stages = next(m.value for m in at.markdown if "Dense baseline" in m.value).replace("\\", "")  # (markdown escapes)
+    assert stages.count(": done") == 5 and "E = 4 by spectral" in stages and "moe 50.00%" in stages
+    assert any("the report's own words" in m.value for m in at.markdown)
+    at.button(key="tr_open_moe").click().run()
+    assert not at.exception
+    assert at.session_state["sel_ckpt"] == "runs/pipe/moe"
+    labels = at.sidebar.selectbox(key="w_ckpt").options
+    assert any(label.startswith("pipe/moe (mvmoe-2x32-e4k1)") for label in labels), labels
+
+
+def test_a_pipeline_model_shows_its_run_report_on_the_overview(open_page, tmp_path):
+    from conftest import save_tiny_checkpoint
+    from workbench.data import load_dataset
+
+    ds = load_dataset("synthetic", "test")
+    save_tiny_checkpoint(tmp_path / "samples" / "vit-2x32", "vit-2x32", ds)
+    _finished_pipeline(tmp_path / "runs" / "pipe", ds)
+    at = open_page(tmp_path / "samples", "vit-2x32", "pages/overview.py")
+    assert not [e for e in at.expander if "pipeline run" in e.label]     # a sample: no pipeline report
+    at.sidebar.selectbox(key="w_ckpt").set_value("runs/pipe/moe").run()
+    assert not at.exception
+    assert any("pipeline run `pipe`" in e.label for e in at.expander)
+    assert any("the report's own words" in m.value for m in at.markdown)

@@ -254,7 +254,7 @@ def write_imagefolder(root: Path, per_class: int = 5) -> Path:
         for i in range(per_class):
             write_png(root / cls / f"{i}.png", 10 * c * per_class + 10 * i)
     write_png(root / "dog" / "big.png", 250, size=(12, 10), mode="RGB")   # other size and mode
-    (root / "superclasses.json").write_text(json.dumps({"cat": "pets", "dog": "pets", "frog": "wild"}))
+    (root / "hierarchy.json").write_text(json.dumps({"cat": "pets", "dog": "pets", "frog": "wild"}))
     return root
 
 
@@ -263,7 +263,7 @@ def test_imagefolder_reads_sorted_class_folders_in_one_mode_and_size(tmp_path):
     ds = load_dataset(f"imagefolder:{root}", "train")
     assert ds.classes == ["cat", "dog", "frog"] and ds.image_shape == (1, 8, 8)
     assert ds.reference_groups == [0, 0, 1] and ds.reference_group_names == ["pets", "wild"]
-    assert "superclasses.json" in ds.reference_source
+    assert ds.reference_source.startswith("hierarchy.json")
 
 
 def test_imagefolder_split_is_deterministic_disjoint_and_covering(tmp_path):
@@ -291,11 +291,31 @@ def test_imagefolder_unreadable_image_names_the_file(tmp_path):
         load_dataset(f"imagefolder:{root}", "train", test_fraction=0.0)
 
 
-def test_imagefolder_superclasses_must_cover_every_class(tmp_path):
+def test_imagefolder_hierarchy_must_cover_every_class(tmp_path):
     root = write_imagefolder(tmp_path / "imgs")
-    (root / "superclasses.json").write_text(json.dumps({"cat": 0, "dog": 1}))
-    with pytest.raises(DatasetError, match=r"missing \['frog'\]"):
+    (root / "hierarchy.json").write_text(json.dumps({"cat": 0, "dog": 1}))
+    with pytest.raises(DatasetError, match=r"hierarchy.json: must map every class folder to a group; "
+                                           r"missing \['frog'\]"):
         load_dataset(f"imagefolder:{root}", "train")
+
+
+def test_the_old_hierarchy_file_name_is_still_read_with_a_deprecation_note(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs")
+    (root / "hierarchy.json").rename(root / "superclasses.json")
+    with pytest.warns(FutureWarning, match="now called hierarchy.json"):
+        ds = load_dataset(f"imagefolder:{root}", "train")
+    assert ds.reference_groups == [0, 0, 1] and ds.reference_group_names == ["pets", "wild"]
+    assert "deprecated name: rename it to hierarchy.json" in ds.reference_source
+
+
+def test_a_superclass_map_beside_the_class_folders_is_not_misread_as_a_hierarchy(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs")
+    (root / "hierarchy.json").unlink()
+    (root / "superclasses.json").write_text(json.dumps({     # the pipeline's map format, copied here
+        "dataset": "imagefolder:imgs", "method": "spectral", "num_groups": 2,
+        "classes": {"cat": 0, "dog": 1, "frog": 1}, "groups": ["cat", "dog / frog"]}))
+    ds = load_dataset(f"imagefolder:{root}", "train")
+    assert ds.reference_groups is None and ds.reference_source is None
 
 
 # ----------------------------------------------------------------------------- image folder: decode once, cache

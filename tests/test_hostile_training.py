@@ -38,20 +38,25 @@ def state_sha(run_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- the jobs API writes only under the run
-@pytest.mark.parametrize("extra", [["--out", "ELSEWHERE"], ["--out=ELSEWHERE"], ["--ou", "ELSEWHERE"],
-                                   ["--results", "ELSEWHERE/results.csv"], ["--export", "ELSEWHERE"]])
-def test_pipeline_arguments_cannot_move_output_outside_the_run(runs, tmp_path, extra):
+@pytest.mark.parametrize("field", ["out", "results", "export"])
+def test_pipeline_options_cannot_move_output_outside_the_run(runs, tmp_path, field):
+    from workbench.pipeline_config import PipelineConfig
+
     elsewhere = tmp_path / "elsewhere"
-    extra = [a.replace("ELSEWHERE", str(elsewhere)) for a in extra]
-    with pytest.raises(ValueError, match="outside the run's folder|pipeline arguments"):
-        jobs.start_pipeline(jobs.PipelineOptions(dataset="synthetic", extra_args=extra), root=runs, limit=5)
+    with pytest.raises(ValueError, match="outside the run's folder"):
+        jobs.start_pipeline(PipelineConfig(dataset="synthetic", epochs=1, **{field: str(elsewhere)}), root=runs,
+                            limit=5)
     assert not elsewhere.exists()
     assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
 
 
-def test_pipeline_arguments_that_stay_inside_are_accepted(runs):
-    run = jobs.start_pipeline(jobs.PipelineOptions(dataset="synthetic", extra_args=["--epochs", "1"]), root=runs)
-    jobs.cancel(run, runs)
+def test_the_pipeline_config_file_cannot_be_combined_with_flags(tmp_path, capsys):
+    from workbench import pipeline
+
+    pipeline.PipelineConfig(dataset="synthetic", out=str(tmp_path / "run")).save(tmp_path / "p.json")
+    assert pipeline.main(["--config", str(tmp_path / "p.json"), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "--config cannot be combined with ['--out']" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
 
 
 # ----------------------------------------------------------------------------- every flag range-checked

@@ -16,6 +16,7 @@ import pytest
 from pages.figures import metrics_frames
 from workbench import jobs, runs as run_folder
 from workbench.checkpoint import load_checkpoint
+from workbench.pipeline_config import PipelineConfig
 from workbench.train_config import TrainConfig, model_from_preset
 
 PY = sys.executable
@@ -250,6 +251,82 @@ def test_a_tiny_real_training_job_finishes_with_a_loadable_checkpoint(runs):
     assert card["preset"] == "mvmoe-2x64-e2k1" and card["config"]["moe_layers"] == [1]
 
 
+def test_an_image_folder_to_train_on_must_lie_in_a_data_folder(tmp_path, monkeypatch):
+    from workbench import paths
+
+    data = tmp_path / "data"
+    (data / "flowers").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("WORKBENCH_DATA_ROOTS", str(data))
+    assert paths.data_folder("flowers") == paths.data_folder(str(data / "flowers")) == (data / "flowers").resolve()
+    jobs.validate_dataset(f"imagefolder:{data / 'flowers'}")
+    for bad in (str(tmp_path / "elsewhere"), "../elsewhere", str(data), "no-such-folder"):
+        with pytest.raises(paths.DataLocationError, match="is not a folder inside a data folder"):
+            paths.data_folder(bad)
+    with pytest.raises(ValueError, match="inside a data folder"):
+        jobs.validate_dataset(f"imagefolder:{tmp_path / 'elsewhere'}")
+
+
+# ----------------------------------------------------------------------------- the whole pipeline as a job
+TINY_PIPELINE = dict(dataset="synthetic", depth=2, width=32, epochs=1, holdout=0.9, batch_size=512,
+                     precision="fp32", method="spectral")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_groups=40), r"--num-groups must be in 2..16 for 16 classes"),
+    (dict(num_groups=4, top_k=5), "num_experts >= top_k"),
+    (dict(superclass_loss_weight=-0.5), "superclass_loss_weight must be a number >= 0"),
+    (dict(method="louvain"), "--method must be one of .*'auto'.*'spectral'"),
+    (dict(epochs=0), "--epochs must be >= 1"),
+    (dict(epochs=10**6), "at most 1000 epochs"),
+    (dict(depth=1), "only 1 blocks"),                     # the MoE blocks (last-2) need depth >= 2
+    (dict(holdout=0.0), r"--holdout must be in \(0, 1\)"),
+    (dict(dataset="mnist"), "unknown dataset 'mnist'"),
+    (dict(dataset="imagefolder:/etc"), "not a folder inside a data folder"),
+    (dict(out="ELSEWHERE"), "outside the run's folder"),
+    (dict(export="ELSEWHERE"), "outside the run's folder"),
+])
+def test_bad_pipeline_options_are_refused_before_anything_starts(runs, tmp_path, options, message):
+    options = {k: str(tmp_path / "elsewhere") if v == "ELSEWHERE" else v for k, v in options.items()}
+    with pytest.raises(ValueError, match=message):
+        jobs.start_pipeline(PipelineConfig(**{**TINY_PIPELINE, **options}), root=runs)
+    assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_pipeline_config_file_round_trips_and_refuses_unknown_fields(tmp_path):
+    cfg = PipelineConfig(**TINY_PIPELINE, num_groups=4, superclass_loss_weight=0.5)
+    cfg.save(tmp_path / "p.json")
+    assert PipelineConfig.load(tmp_path / "p.json") == cfg
+    (tmp_path / "bad.json").write_text(json.dumps({**cfg.to_dict(), "dense": "vit-2x32"}))
+    with pytest.raises(ValueError, match=r"unknown pipeline config field\(s\) \['dense'\]"):
+        PipelineConfig.load(tmp_path / "bad.json")
+
+
+@pytest.mark.slow
+def test_a_pipeline_started_from_the_jobs_api_runs_every_stage(runs):
+    run = jobs.start_pipeline(PipelineConfig(**TINY_PIPELINE), name="tiny pipeline", root=runs)
+    assert jobs.wait(run, 180, runs) == "finished", jobs.job_state(run)[1] + "\n" + run_folder.log_tail(run)
+    stages = run_folder.pipeline_progress(run, running=False)
+    assert [s["state"] for s in stages] == ["done"] * 5, stages
+    assert stages[2]["detail"] == "E = 4 by spectral"
+    models = run_folder.pipeline_checkpoints(run)
+    assert sorted(models) == ["dense", "moe"]
+    assert load_checkpoint(models["moe"])[1]["preset"] == "mvmoe-2x32-e4k1"
+    assert "# Pipeline report: synthetic" in run_folder.pipeline_report(run)
+    report = json.loads((run / "report.json").read_text())
+    assert report["command"] == PipelineConfig.load(run / "pipeline_config.json").command()
+
+
+def test_pipeline_stages_say_which_one_is_at_work(tmp_path):
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "status.json").write_text(json.dumps({"state": "finished", "model": "vit-2x32"}))
+    (tmp_path / "confusion.json").write_text(json.dumps({"accuracy": 0.5}))
+    states = lambda running: [s["state"] for s in run_folder.pipeline_progress(tmp_path, running)]  # noqa: E731
+    assert states(True) == ["done", "done", "running", "waiting", "waiting"]
+    assert states(False) == ["done", "done", "stopped", "waiting", "waiting"]   # killed while clustering
+
+
 def test_a_map_for_other_classes_or_a_missing_dataset_is_refused_up_front(runs):
     wrong = {"dataset": "synthetic", "classes": {"not-a-class": 0, "neither": 1}, "num_groups": 2}
     with pytest.raises(ValueError, match=r"does not match the dataset's classes: missing \[.*extra \['not-a-class', 'neither'"):
@@ -402,17 +479,33 @@ def test_the_k_widget_is_the_k_the_run_trains_with(runs, no_samples):
     jobs.cancel(run, runs)
 
 
-def test_the_pipeline_starts_as_a_job_from_the_train_page(runs, no_samples, monkeypatch):
+def test_the_pipeline_form_hands_every_choice_to_the_job_as_one_config(runs, no_samples, tmp_path, monkeypatch):
     if not jobs.pipeline_available():
         pytest.skip("workbench/pipeline.py is not there")
     at = train_page(runs)
-    at.number_input(key="tr_pipe_epochs").set_value(1).run()
+    at.selectbox(key="tr_pipe_ds").set_value("imagefolder").run()
+    at.text_input(key="tr_pipe_folder").input(str(tmp_path)).run()   # outside every data folder
+    at.button(key="tr_pipe_start").click().run()
+    assert any("not a folder inside a data folder" in e.value for e in at.error), [e.value for e in at.error]
+    at.selectbox(key="tr_pipe_ds").set_value("synthetic").run()
+    at.number_input(key="tr_pipe_E").set_value(4).run()
+    at.number_input(key="tr_pipe_k").set_value(5).run()              # k > E: the MoE's own rule says no
+    at.button(key="tr_pipe_start").click().run()
+    assert any("num_experts >= top_k" in e.value for e in at.error), [e.value for e in at.error]
+    assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+    for key, value in (("tr_pipe_k", 2), ("tr_pipe_depth", 2), ("tr_pipe_width", 64), ("tr_pipe_E", 8),
+                       ("tr_pipe_method", "spectral"), ("tr_pipe_lambda", 0.5), ("tr_pipe_epochs", 1),
+                       ("tr_pipe_seed", 3)):
+        widget = at.selectbox(key=key) if key in ("tr_pipe_width", "tr_pipe_method") else at.number_input(key=key)
+        widget.set_value(value).run()
     at.button(key="tr_pipe_start").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     row = jobs.list_jobs(runs)[0]
-    assert row["kind"] == "pipeline" and row["state"] in ("running", "finished")
-    assert row["command"][2:] == ["workbench.pipeline", "--dataset", "synthetic", "--out", row["run_dir"],
-                                  "--epochs", "1"]
+    assert row["kind"] == "pipeline" and row["model"] == "vit-2x64 → mvmoe-2x64-e8k2"
+    cfg = PipelineConfig.load(Path(row["run_dir"]) / "pipeline_config.json")
+    assert (cfg.dataset, cfg.depth, cfg.width, cfg.num_groups, cfg.top_k, cfg.method, cfg.superclass_loss_weight,
+            cfg.epochs, cfg.seed, cfg.out) == ("synthetic", 2, 64, 8, 2, "spectral", 0.5, 1, 3, row["run_dir"])
+    assert row["command"][2:] == ["workbench.pipeline", "--config", str(Path(row["run_dir"]) / "pipeline_config.json")]
     jobs.cancel(row["run_dir"], runs)
     assert jobs.job_state(row["run_dir"])[0] in ("cancelled", "finished")
 

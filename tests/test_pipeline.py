@@ -18,7 +18,8 @@ def run_dir(tmp_path_factory):
 
 def test_every_stage_leaves_its_artefact(run_dir):
     for name in ("dense/card.json", "moe/card.json", "confusion.json", "superclasses.json",
-                 "clustering.json", "evaluation.json", "report.md", "report.json", "results.csv"):
+                 "clustering.json", "evaluation.json", "report.md", "report.json", "results.csv",
+                 "hierarchy-template.json"):
         assert (run_dir / name).exists(), name
 
 
@@ -48,6 +49,26 @@ def test_a_rerun_skips_finished_stages(run_dir):
     assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 4  # two rows per run
 
 
+def test_the_hierarchy_template_reads_back_as_an_image_folders_reference_hierarchy(run_dir, tmp_path):
+    from PIL import Image
+
+    from workbench.data import load_dataset
+
+    mapping = json.loads((run_dir / "superclasses.json").read_text())
+    classes = sorted(mapping["classes"])
+    for c in classes:                        # an image folder with the same classes
+        for i in range(2):
+            (tmp_path / "imgs" / c).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 10 * i).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs" / "hierarchy.json").write_bytes((run_dir / "hierarchy-template.json").read_bytes())
+    ds = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", "train")
+    assert ds.reference_source.startswith("hierarchy.json")
+    same_group = lambda groups: {(a, b) for a in range(len(classes)) for b in range(len(classes))  # noqa: E731
+                                 if groups[a] == groups[b]}
+    assert same_group(ds.reference_groups) == same_group([mapping["classes"][c] for c in classes])
+    assert set(ds.reference_group_names) == set(mapping["groups"])
+
+
 def test_invalid_group_count_is_a_clear_error(tmp_path, capsys):
     assert pipeline.main(["--dataset", "synthetic", "--out", str(tmp_path), "--num-groups", "40", "--quiet"]) == 2
     assert "--num-groups must be in 2..16" in capsys.readouterr().err
@@ -65,6 +86,7 @@ def grid_dir(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(pipeline, "SAMPLE_GRID", {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e"])})
     args = ["--grid", "samples", "--dataset", "synthetic", "--out", str(base / "runs"), "--epochs", "1",
+            "--holdout", "0.9", "--batch-size", "512", "--method", "spectral", "--precision", "fp32",
             "--export", str(base / "shipped"), "--quiet"]
     try:
         assert pipeline.main(args) == 0

@@ -782,31 +782,14 @@ def _open_image(path: str | Path, Image):
 
 
 def _read_superclasses(class_root: Path, path: Path, classes: list[str]):
-    """Optional superclasses.json beside the class folders: {class_name: group name or index}."""
-    sc = next((p for p in (class_root / "superclasses.json", path / "superclasses.json") if p.is_file()), None)
-    if sc is None:
-        return None, None, None
-    from .safejson import read
+    """The optional reference hierarchy beside the class folders (workbench/hierarchy_file.py:
+    hierarchy.json, {class_name: group name or index}) -> (groups, names, source) or Nones."""
+    from .hierarchy_file import read_hierarchy
 
     try:
-        mapping = read(sc, max_bytes=1 << 20)
-    except (OSError, ValueError) as e:  # malformed, too large or too deeply nested
-        raise DatasetError(str(e) if isinstance(e, ValueError) else f"{sc}: cannot be read ({e})") from None
-    if not isinstance(mapping, dict):
-        raise DatasetError(f"{sc}: expected an object {{class_name: group}}, got {type(mapping).__name__}")
-    missing, unknown = sorted(set(classes) - set(mapping)), sorted(set(mapping) - set(classes))
-    if missing or unknown:
-        raise DatasetError(f"{sc}: must map every class folder to a group; missing {missing}, unknown {unknown}")
-    values = [mapping[c] for c in classes]
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        order = sorted(set(values))
-        names = [f"group {v}" for v in order]
-    else:   # group names: numbered in order of first appearance
-        values = [str(v) for v in values]
-        order = list(dict.fromkeys(values))
-        names = order
-    groups = [order.index(v) for v in values]
-    return groups, names, f"superclasses.json ({sc})"
+        return read_hierarchy([class_root, path], classes)
+    except ValueError as e:  # malformed, too large, too deeply nested, or not covering the classes
+        raise DatasetError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- Tiny ImageNet

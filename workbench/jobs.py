@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import procs, superclass_map
-from .paths import REPO_ROOT, inside, runs_dir, safe_run_name
-from .runs import (CONFIG_FILE, EXIT_FILE, JOB_FILE, LOCK_FILE, LOG_FILE, STATES, SUPERCLASS_FILE,  # noqa: F401
-                   atomic_write_json, iso, job_alive, job_state, list_jobs, read_json, resolve_run)
+from .paths import REPO_ROOT, data_folder, inside, runs_dir, safe_run_name
+from .pipeline_config import OUTPUT_FIELDS, PipelineConfig
+from .runs import (CONFIG_FILE, EXIT_FILE, JOB_FILE, LOCK_FILE, LOG_FILE, PIPELINE_CONFIG_FILE, STATES,  # noqa: F401
+                   SUPERCLASS_FILE, atomic_write_json, iso, job_alive, job_state, list_jobs, read_json, resolve_run)
 from .train_config import TrainConfig
 
 KINDS = ("train", "pipeline")
-DATASETS = ("synthetic", "fashion-mnist", "cifar10", "cifar100")  # + "imagefolder:PATH"
+DATASETS = ("synthetic", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")  # + "imagefolder:PATH"
 MAX_EPOCHS = 1000
 MAX_STEPS = 10_000_000
 MAX_BATCH = 4096
@@ -54,7 +55,8 @@ class JobError(ValueError):
 
 # ----------------------------------------------------------------------------- checks before a start
 def validate_dataset(name: str) -> None:
-    """Accept the dataset names training knows; `imagefolder:PATH` must point at a folder."""
+    """Accept the dataset names training knows; `imagefolder:PATH` must be a folder inside a data root
+    (`paths.data_folder`: the app reads data only there, and a card finds it there again)."""
     if not isinstance(name, str) or not name:
         raise ValueError("choose a dataset")
     if name.startswith("imagefolder:"):
@@ -62,6 +64,7 @@ def validate_dataset(name: str) -> None:
         if not path.is_dir():
             raise ValueError(f"image folder {str(path)!r} does not exist (imagefolder:PATH needs one sub-folder "
                              "per class)")
+        data_folder(str(path.resolve()))   # inside a data root
         return
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {list(DATASETS)} or imagefolder:PATH")
@@ -162,38 +165,50 @@ def start_training(cfg: TrainConfig, name: Optional[str] = None, superclasses: O
         return _launch(run_dir, cmd, "train", {"model": cfg.preset, "dataset": cfg.dataset})
 
 
-@dataclasses.dataclass
-class PipelineOptions:
-    """`python -m workbench.pipeline --dataset NAME --out RUN` (the paper's procedure end to end)."""
+def check_pipeline(cfg: PipelineConfig) -> PipelineConfig:
+    """Everything that can be known before a pipeline job starts; -> the config resolved for the
+    dataset (shape, E, epochs filled in). ValueError with a message a user can act on."""
+    from .data import load_dataset
+    from .train_config import fit_to_dataset
 
-    dataset: str = "synthetic"
-    name: Optional[str] = None
-    extra_args: list = dataclasses.field(default_factory=list)  # further pipeline flags (never output paths)
+    if not pipeline_available():
+        raise ValueError("the pipeline is not available in this installation (workbench/pipeline.py is missing)")
+    if not isinstance(cfg, PipelineConfig):
+        raise ValueError("start_pipeline takes a PipelineConfig")
+    moved = [f"--{name}" for name in OUTPUT_FIELDS if getattr(cfg, name) is not None] + \
+        (["--grid"] if cfg.grid is not None else [])
+    if moved:
+        raise ValueError(f"{moved} would write outside the run's folder; a job writes only there (leave them unset)")
+    cfg.validate()
+    validate_dataset(cfg.dataset)
+    if cfg.epochs is not None and cfg.epochs > MAX_EPOCHS or (cfg.batch_size or 0) > MAX_BATCH:
+        raise ValueError(f"at most {MAX_EPOCHS} epochs and batch size {MAX_BATCH} from the app")
+    test = load_dataset(cfg.dataset, "test", root=cfg.data_root)   # DatasetError says where it looked
+    train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
+    if len(train) == 0:
+        raise ValueError(f"{cfg.dataset}: the training split is empty")
+    resolved = cfg.resolved(train.num_classes)                    # E in 2..classes, k <= E, lambda >= 0
+    check_memory(fit_to_dataset(resolved.moe_model(), test))
+    return resolved
 
-    def validate(self) -> None:
-        if not pipeline_available():
-            raise ValueError("the pipeline is not available in this installation (workbench/pipeline.py is missing)")
-        validate_dataset(self.dataset)
-        if not isinstance(self.extra_args, list) or not all(isinstance(a, str) for a in self.extra_args):
-            raise ValueError("pipeline arguments must be a list of strings")
-        from .pipeline import check_job_args
 
-        check_job_args(self.extra_args)
-        if self.name is not None:
-            safe_run_name(self.name)
+def start_pipeline(cfg: PipelineConfig, name: Optional[str] = None, root: Optional[PathLike] = None,
+                   limit: Optional[int] = None) -> Path:
+    """Check `cfg`, create a run folder and run the whole pipeline in the background; -> run folder.
 
-    def command(self, run_dir: Path) -> list[str]:
-        return [sys.executable, "-m", "workbench.pipeline", "--dataset", self.dataset, "--out", str(run_dir),
-                *self.extra_args]
-
-
-def start_pipeline(options: PipelineOptions, root: Optional[PathLike] = None, limit: Optional[int] = None) -> Path:
-    """Validate and start `python -m workbench.pipeline` in the background; -> run folder."""
-    options.validate()
+    The config, resolved for the dataset, goes to the pipeline as RUN/pipeline_config.json.
+    """
+    cfg = check_pipeline(cfg)
+    if name is not None:
+        safe_run_name(name)
     with _start_lock(root) as base:
         _check_capacity(base, limit)
-        run_dir = _new_run_dir(base, options.name or _default_name("pipeline", options.dataset))
-        return _launch(run_dir, options.command(run_dir), "pipeline", dataclasses.asdict(options))
+        run_dir = _new_run_dir(base, name or _default_name("pipeline", cfg.dataset))
+        cfg = dataclasses.replace(cfg, out=str(run_dir))
+        cfg.save(run_dir / PIPELINE_CONFIG_FILE)
+        cmd = [sys.executable, "-m", "workbench.pipeline", "--config", str(run_dir / PIPELINE_CONFIG_FILE)]
+        return _launch(run_dir, cmd, "pipeline", {"model": f"{cfg.dense_preset} → {cfg.moe_preset}",
+                                                  "dataset": cfg.dataset})
 
 
 def start_command(command: list[str], name: str, kind: str = "train", root: Optional[PathLike] = None,
@@ -338,7 +353,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 2
 
 
-__all__ = ["PipelineOptions", "JobError", "start_training", "start_pipeline", "start_command", "check_training",
+__all__ = ["PipelineConfig", "JobError", "start_training", "start_pipeline", "check_pipeline", "start_command",
+           "check_training",
            "cancel", "wait", "max_jobs", "validate_dataset", "read_superclass_file", "pipeline_available",
            "supervise", "list_jobs", "job_state", "resolve_run", "pid_alive", "DATASETS", "STATES"]
 

@@ -9,6 +9,7 @@ editing cards.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -70,6 +71,29 @@ def card_data_ref(name: str) -> str:
         if folder != root and root in folder.parents:
             return IMAGEFOLDER + folder.relative_to(root).as_posix()
     return IMAGEFOLDER + folder.name
+
+
+def data_folder(folder: str) -> Path:
+    """An image folder the app may train on: an existing folder inside one of `data_roots()` (absolute,
+    or relative to a root, first match); DataLocationError naming the roots otherwise. The same rule
+    that lets a card find its data again, applied before the run instead of after it."""
+    roots = data_roots()
+    text = str(folder).strip()
+    try:
+        path = Path(text).expanduser()
+        candidates = [path] if path.is_absolute() else [root / path for root in roots]
+        for candidate in candidates:
+            for root in roots:
+                with contextlib.suppress(ValueError):
+                    found = inside(root, candidate)
+                    if found != root and found.is_dir():
+                        return found
+    except (OSError, ValueError):   # names too long for the file system, NUL bytes, ...
+        pass
+    shown = text if len(text) <= 200 else text[:200] + "…"
+    raise DataLocationError(f"image folder {shown!r} is not a folder inside a data folder "
+                            f"({', '.join(map(str, roots))}); put it there, or add the folder that holds it "
+                            "to WORKBENCH_DATA_ROOTS.")
 
 
 def resolve_card_data(name: str) -> str:

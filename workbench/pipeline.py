@@ -1,11 +1,14 @@
 """The Mobile V-MoE procedure end to end (Daxberger et al. 2023, §2.2 and §3).
 
     python -m workbench.pipeline --dataset synthetic --out runs/pipeline-synthetic
+    python -m workbench.pipeline --config runs/NAME/pipeline_config.json   (a run the app started)
 
 1. dense/            train the dense baseline on the training split minus a held-out part
 2. confusion.json    its confusion matrix on the held-out part
 3. superclasses.json cluster the confusion graph into exactly E super-classes
    clustering.json   every method's quality (within-group confusion, balance, ARI/NMI)
+   hierarchy-template.json  the same grouping as an image folder's reference hierarchy, to edit
+                     and copy beside the class folders as hierarchy.json (workbench/hierarchy_file.py)
 4. moe/              train the per-image MoE whose router predicts the super-class
 5. evaluation.json   both models on the test split (accuracy, MACs, params, router accuracy,
                      accuracy with a perfect router)
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -28,18 +32,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .checkpoint import read_card
+from .pipeline_config import RECIPE_FIELDS, PipelineConfig, default_num_groups, dense_shape, from_args  # noqa: F401
 from . import snapshots
 from .runs import RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json
 
-DEFAULT_DENSE = {"synthetic": "vit-4x64"}
-RECIPE_FIELDS = ("epochs", "batch_size", "lr", "label_smoothing", "augmentation",  # to TrainConfig when given
-                 "threads")
-DEFAULT_EPOCHS = {"synthetic": 12}
 
+def clustering_methods() -> list[str]:
+    """'auto' (the router-aware choice) and every clustering method of analysis.superclasses."""
+    from analysis.superclass_choice import AUTO
+    from analysis.superclasses import METHODS
 
-def default_num_groups(num_classes: int) -> int:
-    """E = ceil(sqrt(classes)) clamped to 2..10: 4 for 10-16 classes, 10 for 100+ (the paper's best E)."""
-    return int(min(10, max(2, math.ceil(math.sqrt(num_classes)))))
+    return [AUTO, *METHODS]
 
 
 def moe_preset(dense: str, num_groups: int, top_k: int = 1, family: str = "mvmoe") -> str:
@@ -52,12 +55,21 @@ def moe_preset(dense: str, num_groups: int, top_k: int = 1, family: str = "mvmoe
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI edge of PipelineConfig: flag `--x-y` is field `x_y` (plus `--dense` and `--config`)."""
     p = argparse.ArgumentParser(prog="python -m workbench.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, cifar100, imagefolder:PATH, synthetic")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a PipelineConfig JSON file (pipeline_config.json of a run folder started from the app); "
+                        "combine only with --quiet")
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist, cifar10, cifar100, tiny-imagenet, imagefolder:PATH, synthetic")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--out", required=True, metavar="DIR", help="run directory (stages already there are skipped)")
-    p.add_argument("--dense", default=None, metavar="PRESET", help="dense baseline (default vit-6x96; vit-4x64 on synthetic)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (stages already there are skipped)")
+    p.add_argument("--dense", default=None, metavar="PRESET",
+                   help="dense baseline vit-<L>x<D>, the same as --depth L --width D (default vit-6x96; "
+                        "vit-4x64 on synthetic); the MoE has the same depth and width")
+    p.add_argument("--depth", type=int, default=None, metavar="L", help="blocks of the dense baseline and the MoE")
+    p.add_argument("--width", type=int, default=None, metavar="D", help="width of the dense baseline and the MoE")
     p.add_argument("--num-groups", "-E", type=int, default=None,
                    help="super-classes = experts (default ceil(sqrt(classes)) in 2..10)")
     p.add_argument("--top-k", type=int, default=1, help="experts per image")
@@ -92,29 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _say(args, msg: str) -> None:
-    if not args.quiet:
+def _say(cfg: PipelineConfig, msg: str) -> None:
+    if not cfg.quiet:
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # a ValueError for the jobs API instead of SystemExit
-        raise ValueError(f"pipeline arguments: {message}")
-
-
-def check_job_args(extra: Sequence[str]) -> None:
-    """Flags the jobs API passes through: any pipeline flag except those that write elsewhere."""
-    sentinel = "\0run-folder"
-    parser = build_parser()
-    parser.__class__ = _Parser
-    args = parser.parse_args(["--out", sentinel, *extra])
-    moved = [flag for flag, value in (("--out", args.out != sentinel), ("--results", args.results is not None),
-                                      ("--export", args.export is not None)) if value]
-    if moved:
-        raise ValueError(f"{moved} would write outside the run's folder; a job writes only there")
-
-
-def _train_stage(args, run_dir: Path, preset: str, superclasses: Optional[Path] = None) -> dict:
+def _train_stage(cfg: PipelineConfig, run_dir: Path, preset: str, superclasses: Optional[Path] = None) -> dict:
     """Train one model into run_dir, resuming an unfinished run; skip a finished one."""
     from .checkpoint import TRAIN_STATE
     from .runs import STATUS_FILE, read_json
@@ -122,18 +117,18 @@ def _train_stage(args, run_dir: Path, preset: str, superclasses: Optional[Path] 
     from .train_config import TrainConfig, model_from_preset
 
     if (read_json(run_dir / STATUS_FILE) or {}).get("state") == "finished":
-        _say(args, f"{run_dir.name}: finished earlier, skipped")
+        _say(cfg, f"{run_dir.name}: finished earlier, skipped")
         return read_card(run_dir)
-    overrides = {} if superclasses is None or args.superclass_loss_weight is None else \
-        {"superclass_loss_weight": args.superclass_loss_weight}
+    overrides = {} if superclasses is None or cfg.superclass_loss_weight is None else \
+        {"superclass_loss_weight": cfg.superclass_loss_weight}
     resume = (run_dir / TRAIN_STATE).exists()
-    recipe = {k: getattr(args, k) for k in RECIPE_FIELDS if getattr(args, k, None) is not None}
-    cfg = TrainConfig(model=model_from_preset(preset, overrides), dataset=args.dataset, data_root=args.data_root,
-                      superclasses=str(superclasses) if superclasses else None, holdout=args.holdout,
-                      seed=args.seed, precision=args.precision, out=str(run_dir), resume=resume, quiet=args.quiet,
-                      **recipe).validate()
-    _say(args, f"{run_dir.name}: {'resuming' if resume else 'training'} {preset} for {args.epochs} epochs")
-    return train(cfg)["card"]
+    recipe = {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k) is not None}
+    stage = TrainConfig(model=model_from_preset(preset, overrides), dataset=cfg.dataset, data_root=cfg.data_root,
+                        superclasses=str(superclasses) if superclasses else None, holdout=cfg.holdout,
+                        seed=cfg.seed, precision=cfg.precision, out=str(run_dir), resume=resume, quiet=cfg.quiet,
+                        **recipe).validate()
+    _say(cfg, f"{run_dir.name}: {'resuming' if resume else 'training'} {preset} for {cfg.epochs} epochs")
+    return train(stage)["card"]
 
 
 def _patch_card(run_dir: Path, **fields) -> None:
@@ -172,42 +167,39 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
     return row
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run (or resume) every stage into args.out; returns the report dict."""
+def run(cfg: PipelineConfig) -> dict:
+    """Run (or resume) every stage into cfg.out; returns the report dict."""
     from .data import load_dataset
 
     t0 = time.time()
-    out = Path(args.out)
+    cfg.validate()
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_set = load_dataset(args.dataset, "train", root=args.data_root)
-    test_set = load_dataset(args.dataset, "test", root=args.data_root)
+    train_set = load_dataset(cfg.dataset, "train", root=cfg.data_root)
+    test_set = load_dataset(cfg.dataset, "test", root=cfg.data_root)
     classes = list(train_set.classes)
-    E = args.num_groups or default_num_groups(len(classes))
-    if not 2 <= E <= len(classes):
-        raise ValueError(f"--num-groups must be in 2..{len(classes)} for {len(classes)} classes, got {E}")
-    dense = args.dense or DEFAULT_DENSE.get(args.dataset, "vit-6x96")
-    moe = moe_preset(dense, E, args.top_k)
-    args.epochs = args.epochs or DEFAULT_EPOCHS.get(args.dataset, 10)
-    _say(args, f"{args.dataset}: {len(classes)} classes, dense {dense}, MoE {moe}, {args.method} clustering -> {out}")
+    cfg = cfg.resolved(len(classes))                   # E, shape and epochs for this dataset
+    E, dense, moe = cfg.num_groups, cfg.dense_preset, cfg.moe_preset
+    _say(cfg, f"{cfg.dataset}: {len(classes)} classes, dense {dense}, MoE {moe}, {cfg.method} clustering -> {out}")
 
-    _train_stage(args, out / "dense", dense)                            # 1. dense baseline
-    confusion = heldout_confusion(args, out, train_set)                 # 2. held-out confusion
-    _say(args, f"held-out accuracy of the dense baseline: {100 * confusion['accuracy']:.2f}%")
-    assignment, names, clustering = discover_superclasses(args, out, train_set, confusion, E)   # 3.
-    runs = _models_to_train(args, dense, moe)
+    _train_stage(cfg, out / "dense", dense)                            # 1. dense baseline
+    confusion = heldout_confusion(cfg, out, train_set)                 # 2. held-out confusion
+    _say(cfg, f"held-out accuracy of the dense baseline: {100 * confusion['accuracy']:.2f}%")
+    assignment, names, clustering = discover_superclasses(cfg, out, train_set, confusion, E)   # 3.
+    runs = _models_to_train(cfg, dense, moe)
     sc_card = {"assignment": assignment, "names": names, "method": clustering["method"]}
     for name, (preset, guided) in runs.items():                         # 4. MoE (+ extras)
-        _train_stage(args, out / name, preset, out / "superclasses.json" if guided else None)
+        _train_stage(cfg, out / name, preset, out / "superclasses.json" if guided else None)
         _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
-                                           "holdout": args.holdout},
+                                           "holdout": cfg.holdout},
                     **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
     evaluation = {name: evaluate_checkpoint(out / name, test_set, assignment) for name in runs}   # 5.
     atomic_write_json(out / "evaluation.json", evaluation)
-    return write_report(args, out, runs, evaluation, confusion, clustering, classes, E,   # 6.
+    return write_report(cfg, out, runs, evaluation, confusion, clustering, classes, E,   # 6.
                         {"assignment": assignment, "names": names}, t0)
 
 
-def dense_on_heldout(args, out: Path, train_set):
+def dense_on_heldout(cfg, out: Path, train_set):
     """-> (dense model, its card, the held-out part of the training split), for stages 2 and 3."""
     from .checkpoint import load_checkpoint
     from .data import heldout_split
@@ -215,11 +207,11 @@ def dense_on_heldout(args, out: Path, train_set):
     model, card = load_checkpoint(out / "dense")
     # NOTE: the same split as workbench.train --holdout (split seed 0, whatever --seed is),
     # so the dense model never trained on these images.
-    _, held = heldout_split(len(train_set), args.holdout)
+    _, held = heldout_split(len(train_set), cfg.holdout)
     return model, card, train_set.subset(held)
 
 
-def heldout_confusion(args, out: Path, train_set) -> dict:
+def heldout_confusion(cfg, out: Path, train_set) -> dict:
     """confusion.json: the dense baseline's confusion matrix on the held-out part of the training split."""
     import numpy as np
 
@@ -227,31 +219,32 @@ def heldout_confusion(args, out: Path, train_set) -> dict:
 
     path = out / "confusion.json"
     if not path.exists():
-        model, _, held_set = dense_on_heldout(args, out, train_set)
+        model, _, held_set = dense_on_heldout(cfg, out, train_set)
         preds, _ = predict(model, held_set.images, held_set.mean, held_set.std)
         cm = confusion_matrix(held_set.labels.numpy(), preds.numpy(), len(train_set.classes))
-        atomic_write_json(path, {"split": "heldout", "holdout": args.holdout, "split_seed": 0,
+        atomic_write_json(path, {"split": "heldout", "holdout": cfg.holdout, "split_seed": 0,
                                  "classes": list(train_set.classes), "matrix": cm.tolist(),
                                  "accuracy": float(np.trace(cm) / cm.sum())})
     return json.loads(path.read_text())
 
 
-def discover_superclasses(args, out: Path, train_set, confusion: dict, E: int):
+def discover_superclasses(cfg, out: Path, train_set, confusion: dict, E: int):
     """superclasses.json + clustering.json: exactly E groups from the confusion graph; -> (assignment, names, clustering)."""
     import numpy as np
 
     from analysis.superclass_choice import choose_superclasses
     from analysis.superclasses import clustering_quality, compare_methods, group_names, superclass_map
 
+    from .hierarchy_file import TEMPLATE_FILE, hierarchy_template, write_hierarchy
     from .superclass_map import load_superclass_map, save_superclass_map
 
     cm, classes = np.asarray(confusion["matrix"]), list(train_set.classes)
     map_path, reference = out / "superclasses.json", train_set.reference_groups
     if not map_path.exists():
-        choice = choose_superclasses(cm, E, **router_probe(args, out, train_set, E), method=args.method,
-                                     reference=reference, class_names=classes, seed=args.seed)
+        choice = choose_superclasses(cm, E, **router_probe(cfg, out, train_set, E), method=cfg.method,
+                                     reference=reference, class_names=classes, seed=cfg.seed)
         assignment = choice.assignment
-        table = compare_methods(cm, E, reference=reference, seed=args.seed)
+        table = compare_methods(cm, E, reference=reference, seed=cfg.seed)
         chosen = clustering_quality(cm, assignment, reference=reference)
         atomic_write_json(out / "clustering.json", {
             "method": choice.method, "num_groups": E, "quality": _jsonable(chosen),
@@ -259,30 +252,32 @@ def discover_superclasses(args, out: Path, train_set, confusion: dict, E: int):
             "methods": _jsonable(table.drop(columns=["assignment"], errors="ignore").to_dict(orient="records")),
             "choice": _jsonable(choice.to_json()),
         })
-        save_superclass_map(map_path, superclass_map(assignment, classes, args.dataset, choice.method))
+        save_superclass_map(map_path, superclass_map(assignment, classes, cfg.dataset, choice.method))
     assignment = load_superclass_map(map_path, classes)
     names = group_names(np.asarray(assignment), classes)
+    if not (out / TEMPLATE_FILE).exists():   # the grouping as an editable reference hierarchy (image folders)
+        write_hierarchy(out / TEMPLATE_FILE, hierarchy_template(classes, assignment, names))
     for g, name in enumerate(names):
-        _say(args, f"super-class {g}: {name}")
+        _say(cfg, f"super-class {g}: {name}")
     return assignment, names, json.loads((out / "clustering.json").read_text())
 
 
-def router_probe(args, out: Path, train_set, E: int) -> dict:
+def router_probe(cfg, out: Path, train_set, E: int) -> dict:
     """features/labels for the router-aware choice: the dense model's summary at the MoE router's input
     position on the held-out images (what the router will read); {} when a named method is asked for."""
     from analysis.superclass_choice import AUTO, router_input_features
 
-    if args.method != AUTO:
+    if cfg.method != AUTO:
         return {}
-    model, card, held_set = dense_on_heldout(args, out, train_set)        # the confusion's images
-    moe = moe_preset(card["preset"], E, args.top_k)
+    model, card, held_set = dense_on_heldout(cfg, out, train_set)        # the confusion's images
+    moe = moe_preset(card["preset"], E, cfg.top_k)
     return {"features": router_input_features(model, held_set, moe), "labels": held_set.labels.numpy()}
 
 
-def _models_to_train(args, dense: str, moe: str) -> dict:
+def _models_to_train(cfg, dense: str, moe: str) -> dict:
     """name -> (preset, guided by the super-classes?): dense, moe and the --extra models."""
     runs = {"dense": (dense, False), "moe": (moe, True)}
-    for spec in args.extra:
+    for spec in cfg.extra:
         preset, _, mode = spec.partition(":")
         if mode not in ("", "e2e"):
             raise ValueError(f"--extra {spec!r}: the only mode is ':e2e'")
@@ -290,42 +285,42 @@ def _models_to_train(args, dense: str, moe: str) -> dict:
     return runs
 
 
-def _result_row(args, out: Path, name: str, preset: str, ev: dict, quality: dict, method: str) -> dict:
+def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict, method: str) -> dict:
     card = read_card(out / name)
-    cfg = card["config"]
+    model = card["config"]
     return {
-        "dataset": args.dataset, "model": name, "preset": preset, "family": cfg["family"],
-        "E": cfg["num_experts"] or "", "k": cfg["top_k"] if cfg["num_experts"] else "",
-        "router": ("superclass" if cfg.get("superclasses") else "end-to-end") if cfg["family"] == "mvmoe"
-        else ("per-token" if cfg["family"] == "vmoe" else ""),
+        "dataset": cfg.dataset, "model": name, "preset": preset, "family": model["family"],
+        "E": model["num_experts"] or "", "k": model["top_k"] if model["num_experts"] else "",
+        "router": ("superclass" if model.get("superclasses") else "end-to-end") if model["family"] == "mvmoe"
+        else ("per-token" if model["family"] == "vmoe" else ""),
         "test_accuracy": round(ev["test_accuracy"], 5), "macs_active": int(ev["macs_active"]),
         "params_active": ev["params_active"], "params_total": ev["params_total"],
         "router_superclass_accuracy": _round(ev["router_superclass_accuracy"]),
         "oracle_routing_accuracy": _round(ev.get("oracle_routing_accuracy")),
-        "train_wall_time_s": card.get("wall_time_s"), "epochs": args.epochs,
+        "train_wall_time_s": card.get("wall_time_s"), "epochs": cfg.epochs,
         "clustering": method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
         "run_dir": str(out / name),
     }
 
 
-def write_report(args, out: Path, runs: dict, evaluation: dict, confusion: dict, clustering: dict,
+def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, clustering: dict,
                  classes: list, E: int, superclasses: dict, t0: float) -> dict:
     """results.csv rows, report.json and report.md."""
     quality = clustering["quality"]
-    rows = [_result_row(args, out, name, preset, evaluation[name], quality, clustering["method"])
+    rows = [_result_row(cfg, out, name, preset, evaluation[name], quality, clustering["method"])
             for name, (preset, _) in runs.items()]
-    _append_rows(Path(args.results) if args.results else out / "results.csv", rows)
+    _append_rows(Path(cfg.results) if cfg.results else out / "results.csv", rows)
     wall = round(time.time() - t0, 1)
     report = {
-        "dataset": args.dataset, "classes": classes, "num_groups": E, "method": clustering["method"],
+        "dataset": cfg.dataset, "classes": classes, "num_groups": E, "method": clustering["method"],
         "superclasses": superclasses, "heldout_accuracy_dense": confusion["accuracy"], "clustering": clustering,
         "ari": quality.get("ari"), "nmi": quality.get("nmi"), "rows": rows, "pipeline_wall_time_s": wall,
-        "command": getattr(args, "command", None), "seed": args.seed,
+        "command": cfg.command(), "seed": cfg.seed,
         "recipe": read_card(out / "dense").get("training"),   # what every model of this run trained with
     }
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", _markdown(report).encode("utf-8"))
-    _say(args, f"done in {wall:.0f} s: " + ", ".join(f"{r['model']} {100 * r['test_accuracy']:.2f}%" for r in rows))
+    _say(cfg, f"done in {wall:.0f} s: " + ", ".join(f"{r['model']} {100 * r['test_accuracy']:.2f}%" for r in rows))
     return report
 
 
@@ -416,7 +411,8 @@ GRID_RECIPE = {"epochs": 25, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0
 
 
 SHORT_NAMES = {"fashion-mnist": "fmnist"}
-REPORT_FILES = ("report.md", "report.json", "clustering.json", "confusion.json", "superclasses.json")
+REPORT_FILES = ("report.md", "report.json", "clustering.json", "confusion.json", "superclasses.json",
+                "hierarchy-template.json")
 
 
 def export(run_dir: Path, dest: Path, report: dict, seeds: Optional[dict] = None) -> list:
@@ -515,13 +511,13 @@ def median_seed(rows: list) -> int:
     return ranked[(len(ranked) - 1) // 2]["seed"]
 
 
-def _write_grid(args, base: Path, reports: dict) -> None:
+def _write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
     """grid-results.csv and grid.md from every finished (size, seed) so far; with --export, the
     median-seed checkpoint of each (size, model) with every seed's metrics in its card."""
     rows = grid_rows(reports)
     if not rows:
         return
-    results = Path(args.results or base / "grid-results.csv")
+    results = Path(cfg.results or base / "grid-results.csv")
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results.with_suffix(".csv.tmp"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -529,9 +525,9 @@ def _write_grid(args, base: Path, reports: dict) -> None:
         writer.writerows(rows)
     results.with_suffix(".csv.tmp").replace(results)
     atomic_write_bytes(base / "grid.md", grid_table(rows).encode("utf-8"))
-    if not args.export:
+    if not cfg.export:
         return
-    dest = Path(args.export)
+    dest = Path(cfg.export)
     for size in dict.fromkeys(r["size"] for r in rows):
         by_model: dict = {}
         for r in rows:
@@ -547,45 +543,45 @@ def _write_grid(args, base: Path, reports: dict) -> None:
     atomic_copy(base / "grid.md", dest / "grid.md")
 
 
-def run_grid(args: argparse.Namespace) -> None:
+def run_grid(cfg: PipelineConfig) -> None:
     """The sample-checkpoint grid into OUT/<size>/seed-<s>/, one whole pipeline per (size, seed).
 
     First the dense + super-class MoE pair of every (size, seed), then the extra models, so an
     interrupted grid has the headline pairs first. After each pipeline the table, the CSV and
     (with --export) the shipped checkpoints are rewritten from everything finished so far, so
     a grid resumed over many sessions always shows how many seeds each cell has."""
-    base = Path(args.out)
-    recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in GRID_RECIPE.items()}
+    base = Path(cfg.out)
+    recipe = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in GRID_RECIPE.items()}
     reports: dict = {}
     for with_extras in (False, True):
         for size, (dense, n_seeds, extras) in SAMPLE_GRID.items():
             if with_extras and not extras:
                 continue
             for seed in range(n_seeds):
-                sub = argparse.Namespace(**{**vars(args), **recipe, "out": str(base / size / f"seed-{seed}"),
-                                            "dense": dense, "seed": seed, "grid": None, "export": None,
-                                            "extra": list(args.extra) + (extras if with_extras else []),
-                                            "results": str(base / size / f"seed-{seed}" / "results.csv")})
+                folder = base / size / f"seed-{seed}"
+                sub = dataclasses.replace(cfg, **recipe, **dense_shape(dense), out=str(folder), seed=seed, grid=None,
+                                          export=None, extra=list(cfg.extra) + (extras if with_extras else []),
+                                          results=str(folder / "results.csv"))
                 try:
                     reports[(size, seed)] = run(sub)
                 except RunBusy as e:   # another worker trains this seed now: go on with the next one
-                    _say(args, f"{size} seed {seed} skipped: {e}")
+                    _say(cfg, f"{size} seed {seed} skipped: {e}")
                     continue
-                _write_grid(args, base, reports)
+                _write_grid(cfg, base, reports)
     print(grid_table(grid_rows(reports)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.command = "python -m workbench.pipeline " + " ".join(argv)
+    ns = build_parser().parse_args(argv)   # (argparse's own errors exit with 2 and its usage line)
     try:
-        if args.grid:
-            run_grid(args)
+        cfg = from_args(ns)
+        if cfg.grid:
+            run_grid(cfg)
         else:
-            report = run(args)
-            if args.export:
-                export(Path(args.out), Path(args.export), report)
+            report = run(cfg)
+            if cfg.export:
+                export(Path(cfg.out), Path(cfg.export), report)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 This module is the one owner of the format. A run folder (`runs/<name>/`) holds:
 
   train_config.json  the TrainConfig of the run (written by the jobs API; the trainer reads it)
+  pipeline_config.json  the same for a pipeline job: its PipelineConfig (workbench/pipeline_config.py)
   job.json           written by the jobs API: kind, command, pid, start time, options, cancel mark
   exit.json          written by the job's supervisor when its command ends: the exit code
   status.json        written by the trainer: state, pid, progress, last metrics, error
@@ -43,6 +44,7 @@ from .tblog import TensorBoardMirror
 PathLike = Union[str, os.PathLike]
 
 CONFIG_FILE = "train_config.json"
+PIPELINE_CONFIG_FILE = "pipeline_config.json"
 JOB_FILE = "job.json"
 EXIT_FILE = "exit.json"
 STATUS_FILE = "status.json"
@@ -256,6 +258,83 @@ def metrics_dir(run_dir: PathLike) -> Path:
         with contextlib.suppress(OSError):
             stages.append((sub.joinpath(METRICS_FILE).stat().st_mtime, sub))
     return max(stages)[1] if stages else run_dir
+
+
+# A pipeline run folder (workbench/pipeline.py writes it), stage by stage in the order it runs them:
+# (stage, what it is, the artefact that marks it done: a training sub-folder or a file).
+PIPELINE_STAGES = (
+    ("dense", "Dense baseline", "dense"),
+    ("confusion", "Held-out confusion matrix", "confusion.json"),
+    ("superclasses", "Super-classes", "clustering.json"),
+    ("moe", "Mobile V-MoE", "moe"),
+    ("report", "Evaluation and report", "report.json"),
+)
+
+
+def _training_stage(folder: Path) -> tuple[str, str]:
+    """(state, detail) of a pipeline training stage from its status.json."""
+    status = read_json(folder / STATUS_FILE) or {}
+    state = status.get("state")
+    if state is None:
+        return "waiting", ""
+    epoch, epochs = status.get("epoch"), status.get("epochs")
+    acc = (status.get("last_eval") or {}).get("test_accuracy")
+    detail = ", ".join(part for part in (
+        f"{status.get('model', '')}".strip(),
+        f"epoch {epoch}/{epochs}" if epoch is not None and epochs else "",
+        f"test accuracy {100 * acc:.2f}%" if isinstance(acc, (int, float)) else "") if part)
+    return ("done" if state == "finished" else state), detail
+
+
+def _file_stage(stage: str, path: Path) -> str:
+    """The detail line of a finished file stage (its headline number)."""
+    data = read_json(path) or {}
+    if stage == "confusion" and isinstance(data.get("accuracy"), (int, float)):
+        return f"dense accuracy on the held-out images {100 * data['accuracy']:.2f}%"
+    if stage == "superclasses":
+        return f"E = {data.get('num_groups')} by {data.get('method')}"
+    if stage == "report":
+        rows = data.get("rows") if isinstance(data.get("rows"), list) else []
+        return ", ".join(f"{r.get('model')} {100 * r['test_accuracy']:.2f}%" for r in rows
+                         if isinstance(r, dict) and isinstance(r.get("test_accuracy"), (int, float)))
+    return ""
+
+
+def pipeline_progress(run_dir: PathLike, running: bool) -> list[dict]:
+    """One row per pipeline stage: {stage, label, state, detail}; state is done, running, waiting,
+    failed or cancelled, or "stopped" for the stage a pipeline that no longer runs was in."""
+    run_dir, rows, current_found = Path(run_dir), [], False
+    for stage, label, artefact in PIPELINE_STAGES:
+        path = run_dir / artefact
+        if stage in ("dense", "moe"):
+            state, detail = _training_stage(path)
+        else:
+            state, detail = ("done", _file_stage(stage, path)) if path.is_file() else ("waiting", "")
+        if state != "done" and not current_found:   # the first stage not done is the one at work
+            current_found = True
+            if state in ("waiting", "running"):
+                state = "running" if running else "stopped"
+        elif state == "running" and not running:
+            state = "stopped"
+        rows.append({"stage": stage, "label": label, "state": state, "detail": detail})
+    return rows
+
+
+def pipeline_report(run_dir: PathLike, max_bytes: int = 1 << 20) -> Optional[str]:
+    """The pipeline's report.md (None until the last stage wrote it, or when it is larger than max_bytes)."""
+    path = Path(run_dir) / "report.md"
+    with contextlib.suppress(OSError):
+        if path.stat().st_size <= max_bytes:
+            return path.read_bytes().decode("utf-8", errors="replace")
+    return None
+
+
+def pipeline_checkpoints(run_dir: PathLike) -> dict[str, Path]:
+    """{model name (its sub-folder: dense, moe, ...): checkpoint folder} of a pipeline run."""
+    from .checkpoint import list_checkpoints
+
+    run_dir = Path(run_dir)
+    return {p.relative_to(run_dir).as_posix(): p for p in list_checkpoints(run_dir) if p != run_dir}
 
 
 def log_tail(run_dir: PathLike, lines: int = 20) -> str:

@@ -78,13 +78,23 @@ class Experts(nn.Module):
 
         Used while exporting (ONNX, torch.export): every expert's weights stay in
         the graph and the router's choice indexes them at run time, so nothing
-        is specialised to the example input. Compute is still only the chosen
-        experts; memory holds k weight copies per item, fine for deployment
-        batches but not for training.
+        is specialised to the example input. Whole images (per-image MoE): each
+        image gathers its k experts' weights and runs only them. Single tokens
+        (per-token MoE): gathering two experts' weights per token would copy
+        k x 2 x hidden x width floats per token (30 GB for 256 images of 50
+        tokens at 12x192, which onnxruntime did run out of memory on), so every
+        expert runs on every token instead and the gates (zero for unchosen or
+        dropped choices) combine them: E/k times the MLP arithmetic, memory
+        tokens x E x hidden.
         """
         N, k = experts.shape
         w = weights.to(x.dtype) if kept is None else weights.to(x.dtype) * kept.to(x.dtype)
-        items = x.reshape(N, -1, x.shape[-1])                                  # (N, S, D); S = 1 per token
+        if x.dim() == 2:                                                       # (N, D) tokens
+            gate = (F.one_hot(experts, self.num_experts).to(x.dtype) * w[:, :, None]).sum(1)   # (N, E)
+            h = F.gelu(torch.einsum("nd,ehd->neh", x, self.fc1_weight) + self.fc1_bias)
+            y = torch.einsum("neh,edh->ned", h, self.fc2_weight) + self.fc2_bias
+            return torch.einsum("ne,ned->nd", gate, y)
+        items = x.reshape(N, -1, x.shape[-1])                                  # (N, S, D) whole images
         h = torch.einsum("nsd,nkhd->nksh", items, self.fc1_weight[experts]) + self.fc1_bias[experts][:, :, None]
         y = torch.einsum("nksh,nkdh->nksd", F.gelu(h), self.fc2_weight[experts]) + self.fc2_bias[experts][:, :, None]
         return (y * w[:, :, None, None]).sum(1).reshape(x.shape)

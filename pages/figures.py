@@ -231,37 +231,42 @@ def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_refer
         fig.add_scatter(x=f["macs_active"], y=f["accuracy"], mode="lines", name="Pareto frontier",
                         line={"dash": "dot", "color": "grey"}, hoverinfo="skip", row=1, col=1)
     if two:
-        for kind in ("per-image", "per-token"):
-            g = gains[gains["routing"] == kind] if not gains.empty else gains
-            if g.empty:
-                continue
-            color, symbol = ROUTING_STYLE[kind]
-            std = g["gain_std"].fillna(0) * 100 if "gain_std" in g else None
-            fig.add_scatter(x=g["macs_active"], y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
-                            marker={"color": color, "symbol": symbol, "size": 9},
-                            error_y=None if std is None else {"type": "data", "array": std, "color": color},
-                            customdata=g[["name", "dense_name", "n"]] if "n" in g else g[["name", "dense_name"]],
-                            hovertemplate="%{customdata[0]} − %{customdata[1]}: %{y:+.2f} pp"
-                                          + (" (paired over %{customdata[2]} seeds)" if "n" in g else "")
-                                          + "<extra></extra>",
-                            row=2, col=1)
-        if paper_reference_trace:
-            ref = paper_reference()
-            fig.add_scatter(x=ref["macs"], y=ref["gain"] * 100, mode="markers+text", row=2, col=1,
-                            name="paper: MoE − dense gain (ImageNet-1k, from the abstract)",
-                            marker={"symbol": "star", "size": 13, "color": "black"},
-                            text=[f"{lab}: +{g * 100:.2f} pp" for lab, g in zip(ref["label"], ref["gain"])],
-                            textposition="top center", customdata=ref[["macs_source"]],
-                            hovertemplate="Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k<br>"
-                                          "%{text}<br>x: %{customdata[0]}<extra></extra>")
-        fig.add_hline(y=0, line_color="lightgrey", row=2, col=1)
-        fig.update_yaxes(title_text="gain (accuracy points)", row=2, col=1)
+        _gain_panel(fig, gains, paper_reference_trace)
     fig.update_xaxes(type="log", title_text="active MACs per image (log)", row=2 if two else 1, col=1)
     if two:
         fig.update_xaxes(type="log", row=1, col=1)
     fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=1)
     fig.update_layout(legend={"orientation": "h", "y": -0.15}, height=650 if two else 450)
     return fig
+
+
+def _gain_panel(fig: go.Figure, gains: pd.DataFrame, paper_reference_trace: bool) -> None:
+    """The lower panel of `tradeoff_figure`: MoE − dense gains (± std over paired seeds), the paper's gains."""
+    for kind in ("per-image", "per-token"):
+        g = gains[gains["routing"] == kind] if not gains.empty else gains
+        if g.empty:
+            continue
+        color, symbol = ROUTING_STYLE[kind]
+        std = g["gain_std"].fillna(0) * 100 if "gain_std" in g else None
+        fig.add_scatter(x=g["macs_active"], y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
+                        marker={"color": color, "symbol": symbol, "size": 9},
+                        error_y=None if std is None else {"type": "data", "array": std, "color": color},
+                        customdata=g[["name", "dense_name", "n"]] if "n" in g else g[["name", "dense_name"]],
+                        hovertemplate="%{customdata[0]} − %{customdata[1]}: %{y:+.2f} pp"
+                                      + (" (paired over %{customdata[2]} seeds)" if "n" in g else "")
+                                      + "<extra></extra>",
+                        row=2, col=1)
+    if paper_reference_trace:
+        ref = paper_reference()
+        fig.add_scatter(x=ref["macs"], y=ref["gain"] * 100, mode="markers+text", row=2, col=1,
+                        name="paper: MoE − dense gain (ImageNet-1k, from the abstract)",
+                        marker={"symbol": "star", "size": 13, "color": "black"},
+                        text=[f"{lab}: +{g * 100:.2f} pp" for lab, g in zip(ref["label"], ref["gain"])],
+                        textposition="top center", customdata=ref[["macs_source"]],
+                        hovertemplate="Mobile V-MoE abstract (arXiv 2309.04354), ImageNet-1k<br>"
+                                      "%{text}<br>x: %{customdata[0]}<extra></extra>")
+    fig.add_hline(y=0, line_color="lightgrey", row=2, col=1)
+    fig.update_yaxes(title_text="gain (accuracy points)", row=2, col=1)
 
 
 def _seed_stats(d: pd.DataFrame) -> tuple:

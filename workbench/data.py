@@ -113,15 +113,14 @@ def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[f
     return (images_uint8.float() / 255.0 - m) / s
 
 
-def augment(x: torch.Tensor, hflip: bool, generator: Optional[torch.Generator] = None, pad: int = 2,
-            fill: Optional[Sequence[float]] = None) -> torch.Tensor:
+def augment(x: torch.Tensor, hflip: bool, generator: Optional[torch.Generator] = None, pad: int = 2) -> torch.Tensor:
     """Random crop after padding by `pad`, plus a random horizontal flip when `hflip`.
 
     Works on a float batch (B, C, H, W) in one gather: every image gets its own
-    offset (and flip), no Python loop over the batch. `fill` is the per-channel
-    value of the padding; on a normalised batch pass the normalised black,
-    (0 - mean) / std, so the border looks like the image's own background
-    (padding with 0 would paint it mid-grey, an input the test set never shows).
+    offset (and flip), no Python loop over the batch. The padding repeats each
+    image's edge pixels, so the border looks like the image's own background
+    (zero padding of a normalised batch paints it the dataset's mean grey, an
+    input the test set never shows; black is no better where backgrounds are not black).
     """
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"augment expects a float batch (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
@@ -135,11 +134,7 @@ def augment(x: torch.Tensor, hflip: bool, generator: Optional[torch.Generator] =
         cols = torch.where(flip[:, None], w - 1 - cols, cols)
     rows = oy[:, None] + torch.arange(h, device=dev)           # (B, H) rows of the padded image
     cols = ox[:, None] + cols                                  # (B, W)
-    if fill is None:
-        xp = F.pad(x, (pad, pad, pad, pad))
-    else:   # the fill around an exact copy of each image
-        xp = torch.as_tensor(fill, dtype=x.dtype, device=dev).view(1, -1, 1, 1).repeat(b, 1, h + 2 * pad, w + 2 * pad)
-        xp[:, :, pad:pad + h, pad:pad + w] = x
+    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad else x
     # NOTE: advanced indices separated by a slice put their dims first -> (B, H, W, C).
     out = xp[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()

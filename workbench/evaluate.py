@@ -16,8 +16,7 @@ def to_batch(dataset, idx, device, generator=None, augmentation: str = "crop-fli
     """
     x = normalize(dataset.images[idx], dataset.mean, dataset.std)
     if generator is not None and augmentation != "none":
-        black = [-m / sd for m, sd in zip(dataset.mean, dataset.std)]
-        x = augment(x, dataset.hflip, generator, pad=2 if augmentation == "crop-flip" else 0, fill=black)
+        x = augment(x, dataset.hflip, generator, pad=2 if augmentation == "crop-flip" else 0)
     return x.to(device, non_blocking=True), dataset.labels[idx].to(device, non_blocking=True)
 
 

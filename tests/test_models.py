@@ -323,5 +323,5 @@ def test_config_round_trips_through_a_plain_dict():
     model = create_model("vmoe-6x96-e8k2", batch_priority=False)
     again = ModelConfig.from_dict(model.cfg.to_dict())
     assert again == model.cfg
-    with pytest.raises(ValueError, match="unknown config fields"):
+    with pytest.raises(ValueError, match=r"unknown model config field\(s\)"):
         ModelConfig.from_dict({**model.cfg.to_dict(), "extra": 1})

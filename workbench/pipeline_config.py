@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .train_config import PRECISIONS, TrainConfig, _number, _whole, check_fields, model_from_preset
+from .train_config import PRECISIONS, TrainConfig, _number, _whole, model_from_preset
 
 DEFAULT_SHAPE = {"synthetic": (4, 64)}   # dense (depth, width) by dataset; others (6, 96)
 DEFAULT_EPOCHS = {"synthetic": 12}       # epochs per model by dataset; others 10
@@ -146,6 +146,8 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
+        from .models.config import check_fields
+
         check_fields(cls, d, "pipeline config")
         return cls(**d)
 

@@ -136,7 +136,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        check_fields(cls, d, "training config")
+        _models().check_fields(cls, d, "training config")
         return cls(**{**d, "model": model_config(d.get("model", {}))})
 
     def save(self, path) -> None:
@@ -184,16 +184,6 @@ class TrainConfig:
         prefix = (f"torchrun --nproc_per_node={world_size} -m workbench.train" if world_size > 1
                   else "python -m workbench.train")
         return f"{prefix} {shlex.join(self.to_argv())}"
-
-
-def check_fields(cls, d, what: str) -> None:
-    """`d` is a JSON object naming only fields of the dataclass `cls` (a config file); ValueError if not."""
-    if not isinstance(d, dict):
-        raise ValueError(f"a {what} must be a JSON object")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} field(s) {unknown}; valid: {sorted(known)}")
 
 
 def model_config(fields: dict) -> ModelConfig:

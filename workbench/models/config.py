@@ -196,15 +196,21 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Rebuild a saved config. One saved before `capacity_multiple_of` existed used the
         paper's capacity formula without rounding, and keeps it (capacity_multiple_of=1)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a model config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields: {unknown}")
+        check_fields(cls, d, "model config")
         d = dict(d)
         d.setdefault("capacity_multiple_of", 1)
         return cls(**d)
+
+
+def check_fields(cls, d, what: str) -> None:
+    """`d` is a JSON object naming only fields of the dataclass `cls` (a config file); ValueError if not.
+    Shared by ModelConfig, TrainConfig and PipelineConfig files."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {what} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; valid: {sorted(known)}")
 
 
 def parse_preset(name: str) -> dict:

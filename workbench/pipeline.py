@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,15 +45,6 @@ def clustering_methods() -> list[str]:
     from analysis.superclasses import METHODS
 
     return [AUTO, *METHODS]
-
-
-def moe_preset(dense: str, num_groups: int, top_k: int = 1, family: str = "mvmoe") -> str:
-    from .models.config import parse_preset
-
-    shape = parse_preset(dense)
-    if shape["family"] != "vit":
-        raise ValueError(f"--dense must be a dense preset (vit-<L>x<D>), got {dense!r}")
-    return f"{family}-{shape['depth']}x{shape['width']}-e{num_groups}k{top_k}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +234,7 @@ def discover_superclasses(cfg, out: Path, train_set, confusion: dict, E: int):
     cm, classes = np.asarray(confusion["matrix"]), list(train_set.classes)
     map_path, reference = out / "superclasses.json", train_set.reference_groups
     if not map_path.exists():
-        choice = choose_superclasses(cm, E, **router_probe(cfg, out, train_set, E), method=cfg.method,
+        choice = choose_superclasses(cm, E, **router_probe(cfg, out, train_set), method=cfg.method,
                                      reference=reference, class_names=classes, seed=cfg.seed)
         assignment = choice.assignment
         table = compare_methods(cm, E, reference=reference, seed=cfg.seed)
@@ -262,16 +255,16 @@ def discover_superclasses(cfg, out: Path, train_set, confusion: dict, E: int):
     return assignment, names, json.loads((out / "clustering.json").read_text())
 
 
-def router_probe(cfg, out: Path, train_set, E: int) -> dict:
+def router_probe(cfg: PipelineConfig, out: Path, train_set) -> dict:
     """features/labels for the router-aware choice: the dense model's summary at the MoE router's input
-    position on the held-out images (what the router will read); {} when a named method is asked for."""
+    position on the held-out images (what the router will read); {} when a named method is asked for.
+    `cfg` is resolved (its E and shape are this run's)."""
     from analysis.superclass_choice import AUTO, router_input_features
 
     if cfg.method != AUTO:
         return {}
-    model, card, held_set = dense_on_heldout(cfg, out, train_set)        # the confusion's images
-    moe = moe_preset(card["preset"], E, cfg.top_k)
-    return {"features": router_input_features(model, held_set, moe), "labels": held_set.labels.numpy()}
+    model, _, held_set = dense_on_heldout(cfg, out, train_set)           # the confusion's images
+    return {"features": router_input_features(model, held_set, cfg.moe_preset), "labels": held_set.labels.numpy()}
 
 
 def _models_to_train(cfg, dense: str, moe: str) -> dict:
@@ -454,9 +447,7 @@ def _mean_std(values: list) -> tuple:
     v = [float(x) for x in values if x is not None]
     if not v:
         return None, None, 0
-    mean = sum(v) / len(v)
-    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return mean, std, len(v)
+    return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)
 
 
 def _pm(values: list, scale: float = 100, digits: int = 2, sign: bool = False) -> str:
@@ -519,11 +510,11 @@ def _write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
         return
     results = Path(cfg.results or base / "grid-results.csv")
     results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results.with_suffix(".csv.tmp"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    results.with_suffix(".csv.tmp").replace(results)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(results, text.getvalue().encode("utf-8"))
     atomic_write_bytes(base / "grid.md", grid_table(rows).encode("utf-8"))
     if not cfg.export:
         return

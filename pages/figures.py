@@ -83,6 +83,8 @@ def heatmap_figure(df: pd.DataFrame, title: str = "", colorbar: str = "") -> go.
     # categorical axes: block and expert numbers are labels, not positions ("3.5" ticks between blocks 3 and 4)
     fig.update_layout(title=title, xaxis_title=str(df.columns.name or ""), yaxis_title=str(df.index.name or ""),
                       xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed")
+    if len(df) > 25:   # e.g. Tiny ImageNet's 200 classes: a readable row each
+        fig.update_layout(height=14 * len(df) + 160)
     return fig
 
 

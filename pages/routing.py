@@ -8,7 +8,7 @@ from analysis import routing as R
 from analysis.ablation import expert_ablation, impact_matrix
 from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_frame
-from pages import figures as F
+from pages import figures as F, routing_card
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, eval_subset, forget_on_checkpoint_change,
                           linked_selectbox, load_model, md, need, need_moe, open_checkpoint)
 
@@ -64,6 +64,9 @@ family = cfg.get("family")
 need_moe(card)
 forget_on_checkpoint_change("routing", "w_disabled", "w_topk", "w_capacity", "w_bpr", "w_max_share")
 ds = eval_subset(card)
+if ds is None and card.get("routing_tables"):
+    routing_card.show(card)
+    st.stop()
 need(ds is not None, "Routing statistics need the test images (see the warning above).")
 E = int(cfg["num_experts"])
 

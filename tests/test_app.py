@@ -346,6 +346,32 @@ def test_a_dataset_that_is_not_available_gives_a_warning(monkeypatch, tmp_path, 
     assert any("not available" in w.value for w in at.warning)
 
 
+def test_without_the_images_the_routing_page_shows_the_cards_tables(monkeypatch, tmp_path, synthetic):
+    """A shipped checkpoint whose data may not be redistributed (Tiny ImageNet) is explorable from its card."""
+    from workbench.checkpoint import load_checkpoint
+    from workbench.evaluate import eval_stats, routing_tables
+
+    root = tmp_path / "samples"
+    groups = [g % 4 for g in range(synthetic.num_classes)]
+    path = _make_checkpoint(root, "mvmoe-2x32-e4k1", synthetic, superclasses=groups)
+    model, card = load_checkpoint(path)
+    card["routing_tables"] = routing_tables(eval_stats(model, synthetic))
+    card["dataset"] = "imagefolder:" + str(tmp_path / "nowhere")
+    (path / "card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(root))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    at = _app("routing")
+    _no_exception(at, "routing from the card")
+    assert any("not available" in w.value for w in at.warning)          # says the images are missing ...
+    assert any("stored in the card" in i.value for i in at.info)        # ... and what it shows instead
+    table = next(df.value for df in at.dataframe if df.value.index.name == "class")
+    counts = np.asarray(card["routing_tables"]["layers"][0]["counts"], dtype=float)
+    np.testing.assert_allclose(table.to_numpy(), counts / counts.sum(1, keepdims=True), atol=1e-4)   # rows: P(expert | class)
+    at.radio[0].set_value("superclass").run()
+    _no_exception(at, "by super-class")
+    assert _table_with(at, "purity")["accuracy"].between(0, 1).all()
+
+
 def test_data_that_does_not_fit_the_checkpoint_gives_a_warning(monkeypatch, tmp_path, synthetic):
     root = tmp_path / "samples"
     path = _make_checkpoint(root, "vmoe-4x32-e4k2", synthetic)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,14 @@ def test_the_run_directory_is_a_checkpoint_with_a_full_card(tiny_moe_run):
     # the card's accuracy is what evaluating the saved weights gives
     test_set = load_dataset("synthetic", "test")
     assert evaluate(model, test_set) == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-4)
+    # and the card carries where each test image went, for the views that run without the images
+    tables = card["routing_tables"]
+    assert tables["split"] == "test" and tables["unit"] == "image" and tables["epoch"] == 2
+    assert [t["layer"] for t in tables["layers"]] == model.cfg.moe_block_indices()
+    for t in tables["layers"]:
+        counts = np.asarray(t["counts"])
+        assert counts.shape == (len(test_set.classes), 4) and counts.sum() == len(test_set)    # k = 1 per image
+        assert counts.sum(1).tolist() == np.bincount(test_set.labels.numpy(), minlength=counts.shape[0]).tolist()
 
 
 def test_metrics_and_status_files_follow_the_run(tiny_moe_run):

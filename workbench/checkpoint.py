@@ -164,6 +164,29 @@ def validate_card(card, path: PathLike = CARD) -> None:
     _check(history is None or (isinstance(history, list) and all(isinstance(h, dict) for h in history)), path,
            "'history' must be a list of per-epoch objects")
     _check_seeds(card.get("seeds"), path)
+    _check_routing_tables(card.get("routing_tables"), n, cfg, path)
+
+
+def _check_routing_tables(tables, n: int, cfg: dict, path) -> None:
+    """`routing_tables` (MoE cards, written by workbench.evaluate.routing_tables): per MoE block,
+    an n x E table of kept assignment counts by true class, on the split it names."""
+    if tables is None:
+        return
+    E, depth = cfg.get("num_experts"), cfg.get("depth")
+    _check(isinstance(tables, dict) and isinstance(tables.get("layers"), list) and isinstance(E, int) and E >= 1,
+           path, "'routing_tables' must be null or an object with 'layers' (and the config an MoE's)")
+    _check(tables.get("unit") in ("image", "token") and isinstance(tables.get("split"), str), path,
+           "routing_tables: 'unit' must be 'image' or 'token' and 'split' a string")
+    seen = set()
+    for t in tables["layers"]:
+        layer, counts = (t.get("layer"), t.get("counts")) if isinstance(t, dict) else (None, None)
+        _check(isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < (depth or 0)
+               and layer not in seen, path, f"routing_tables: bad or repeated block index {layer!r}")
+        seen.add(layer)
+        _check(isinstance(counts, list) and len(counts) == n and all(
+            isinstance(r, list) and len(r) == E and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                        for x in r) for r in counts), path,
+            f"routing_tables: block {layer} needs an {n}x{E} table of non-negative integer counts")
 
 
 def _check_seeds(seeds, path) -> None:

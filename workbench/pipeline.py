@@ -157,7 +157,22 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
         oracle = oracle_routing(model, test_set.images, test_set.labels, test_set.mean, test_set.std,
                                 batch_size=512, summary=summary)
         row["oracle_routing_accuracy"] = oracle["oracle_accuracy"]
+    _card_evaluation(run_dir, model, card, test_set, row)
     return row
+
+
+def _card_evaluation(run_dir: Path, model, card: dict, test_set, row: dict) -> None:
+    """What the card-level views need from the test split: the router's accuracies in `metrics`, and
+    `routing_tables` for cards trained before training wrote them."""
+    from .evaluate import eval_stats, routing_tables
+
+    if not model.cfg.is_moe:
+        return
+    metrics = {**(card.get("metrics") or {}),
+               **{k: _round(row[k]) for k in ("router_superclass_accuracy", "oracle_routing_accuracy")
+                  if row[k] is not None}}
+    tables = card.get("routing_tables") or routing_tables(eval_stats(model, test_set, 512))
+    _patch_card(run_dir, metrics=metrics, routing_tables=tables)
 
 
 def run(cfg: PipelineConfig) -> dict:

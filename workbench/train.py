@@ -179,6 +179,7 @@ class Run:
     t_start: float = field(default_factory=time.time)
     start_step: int = 0
     window: dict = field(default_factory=dict)   # sums since the last train record
+    routing_tables: Optional[dict] = None        # of the last evaluation in this process (for the card)
 
     def wall(self) -> float:
         return self.state.wall_before + time.time() - self.t_start
@@ -419,6 +420,7 @@ def card_for(run: Run, metrics: dict) -> dict:
         "params": {"total": run.macs["params_total"], "active": run.macs["params_active"]},
         "confusion": None, "history": run.state.history, "command": run.command,
         "wall_time_s": round(run.wall(), 1), "version": __version__,
+        **({"routing_tables": run.routing_tables} if run.routing_tables else {}),
         "training": {"epochs": plan.epochs, "steps": run.state.step, "batch_size": plan.batch_size, "lr": cfg.lr,
                      "min_lr": cfg.min_lr, "weight_decay": cfg.weight_decay, "warmup_steps": plan.warmup,
                      "label_smoothing": cfg.label_smoothing, "augmentation": cfg.augmentation,
@@ -434,6 +436,7 @@ def end_of_epoch(run: Run, n_epoch: int, lr: float) -> None:
     if n_epoch % cfg.eval_every == 0 or state.step >= plan.total_steps:
         state.last_eval = eval_record(run.raw, plan.test_set, cfg.eval_batch_size, procs.device, procs.amp_dtype,
                                       procs.rank, procs.world, n_epoch, state.step)
+        run.routing_tables = state.last_eval.pop("routing_tables", None)   # the card's, too big for the log
         run.log.write({"type": "eval", **state.last_eval})
     sums = state.epoch_sums
     entry = {"epoch": n_epoch, "step": state.step, "lr": lr,

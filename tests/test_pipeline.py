@@ -126,7 +126,7 @@ def test_grid_ships_the_median_seed_with_every_seeds_numbers(grid_dir):
     gains = moe_gains(table)
     assert gains["n"].tolist() == [2]
     assert gains["gain"].iloc[0] == pytest.approx(sum(s["delta_vs_dense"] for s in card["seeds"]) / 2)
-    assert (shipped / "grid-results.csv").exists() and (shipped / "grid.md").exists()
+    assert (shipped / "synthetic-grid-results.csv").exists() and (shipped / "synthetic-grid.md").exists()
 
 
 def test_a_resumed_grid_trains_nothing_again(grid_dir, monkeypatch):
@@ -141,3 +141,16 @@ def test_a_resumed_grid_trains_nothing_again(grid_dir, monkeypatch):
 def test_median_seed_is_the_lower_middle():
     rows = [{"seed": s, "test_accuracy": a} for s, a in ((0, 0.90), (1, 0.80), (2, 0.85), (3, 0.95))]
     assert pipeline.median_seed(rows[:3]) == 2 and pipeline.median_seed(rows) == 2
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "tiny-imagenet"])
+def test_each_sample_grid_names_real_models_and_a_valid_recipe(dataset):
+    from workbench.pipeline_config import PipelineConfig
+    from workbench.train_config import model_from_preset
+
+    grid, recipe = pipeline.sample_grid(dataset)
+    for dense, n_seeds, extras in grid.values():
+        assert n_seeds >= 2                                   # a single seed is never a headline
+        for preset in [dense] + [e.partition(":")[0] for e in extras]:
+            model_from_preset(preset, {})
+    PipelineConfig(dataset=dataset, out="x", **recipe).validate()

@@ -1,0 +1,76 @@
+"""A Tiny ImageNet checkpoint without its images (they may not be redistributed): the card-level
+views work from the card, the image-level views say how to get the data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from tests.conftest import REPO, save_tiny_checkpoint  # noqa: E402
+
+CARD_PAGES = ["overview", "confusion_graph", "superclasses", "hierarchy", "routing", "tradeoff"]
+IMAGE_PAGES = ["inspector", "experts"]
+
+
+class _NoImages:
+    """What save_tiny_checkpoint needs of a dataset: Tiny ImageNet's classes and 32x32 RGB shape."""
+
+    def __init__(self):
+        from workbench.wordnet import read_table
+
+        table = read_table()
+        self.classes = [table[w]["name"].split(",")[0].strip() for w in sorted(table)]
+        self.num_classes, self.image_shape = len(self.classes), (3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def tin_sample(tmp_path_factory):
+    ds = _NoImages()
+    rng = np.random.default_rng(0)
+    n, E = ds.num_classes, 10
+    groups = [c % E for c in range(n)]
+    cm = rng.poisson(1.0, (n, n))
+    np.fill_diagonal(cm, 30)
+    counts = rng.multinomial(50, [0.1] * E, size=n)
+    card = {"dataset": "tiny-imagenet", "confusion": {"split": "heldout", "matrix": cm.tolist()},
+            "superclasses": {"assignment": groups, "names": [f"group {g}" for g in range(E)], "method": "spectral"},
+            "routing_tables": {"split": "test", "epoch": 1, "unit": "image",
+                               "layers": [{"layer": 1, "counts": counts.tolist(), "dropped": 0}]},
+            "overrides": {"superclasses": groups}}
+    root = tmp_path_factory.mktemp("samples")
+    save_tiny_checkpoint(root / "tin-mvmoe", "mvmoe-2x32-e10k1", ds, **card)
+    return root
+
+
+@pytest.fixture
+def page_without_data(monkeypatch, tmp_path, tin_sample):
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tin_sample))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "no-data-here"))
+
+    def open_page(page: str) -> AppTest:
+        at = AppTest.from_file(str(REPO / "workbench" / "app.py"), default_timeout=120)
+        at.query_params["ckpt"] = "samples/tin-mvmoe"
+        at.run()
+        return at.switch_page(f"../pages/{page}.py").run() if page != "overview" else at
+    return open_page
+
+
+@pytest.mark.parametrize("page", CARD_PAGES)
+def test_card_level_views_work_without_the_images(page_without_data, page):
+    at = page_without_data(page)
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    if page == "routing":
+        assert any("stored in the card" in i.value for i in at.info)
+    if page == "hierarchy":
+        assert [m.label for m in at.metric][:2] == ["ARI", "NMI"]              # against WordNet, from the card
+
+
+@pytest.mark.parametrize("page", IMAGE_PAGES)
+def test_image_level_views_say_how_to_get_the_data(page_without_data, page):
+    at = page_without_data(page)
+    assert not at.exception
+    text = " ".join(w.value for w in at.warning).replace("\\", "")   # (markdown escapes)
+    assert "python -m workbench.data download tiny-imagenet" in text and "WORKBENCH_DATA" in text

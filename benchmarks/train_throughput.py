@@ -40,6 +40,7 @@ def measure(models=("vit-6x96", "vit-12x192"), batch_size: int = 128, steps: int
                         f"(native bf16: {native_bf16()})", f"{bf16:.0f} img/s", f"{fp32:.0f} img/s",
                         bf16 / fp32, "speed-up", "> 1× where bf16 is native",
                         (bf16 > fp32) if native_bf16() else None))
+    rows += attention_rows(models, batch_size, steps, warmup)
     if compile_model:
         # the candidate optimisation: inductor-compiled forward+backward (compile time excluded: warm-up)
         amp = torch.bfloat16 if native_bf16() else None
@@ -50,6 +51,31 @@ def measure(models=("vit-6x96", "vit-12x192"), batch_size: int = 128, steps: int
         rows.append(row(SECTION, f"{compile_model} training, batch {batch_size}, {'bf16' if amp else 'fp32'}: "
                         "torch.compile (default inductor) vs eager", f"{batch_size / t['compiled']:.0f} img/s",
                         f"{batch_size / t['eager']:.0f} img/s", t["eager"] / t["compiled"], "speed-up"))
+    return rows
+
+
+def attention_rows(models, batch_size: int, steps: int, warmup: int) -> list:
+    """Before/after of the written-out CPU attention (workbench/models/vit.py `Attention`): the same
+    training step with torch's fused SDPA kernel (the limit set to 0 tokens) and with ours."""
+    from workbench.models.vit import Attention
+
+    rows = []
+    for preset in models:
+        for amp in ([None, torch.bfloat16] if native_bf16() else [None]):
+            torch.manual_seed(0)
+            ours, fused = train_step(create_model(preset), batch_size, amp), train_step(create_model(preset), batch_size, amp)
+
+            def fused_step(step=fused, limit=Attention.EXPLICIT_MAX_TOKENS):
+                Attention.EXPLICIT_MAX_TOKENS = 0
+                try:
+                    step()
+                finally:
+                    Attention.EXPLICIT_MAX_TOKENS = limit
+
+            t = side_by_side({"ours": ours, "fused": fused_step}, steps, warmup)
+            rows.append(row(SECTION, f"{preset} training, batch {batch_size}, {'bf16' if amp else 'fp32'}: written-out "
+                            "attention (ours) vs before: torch's fused SDPA kernel", f"{batch_size / t['ours']:.0f} img/s",
+                            f"{batch_size / t['fused']:.0f} img/s", t["fused"] / t["ours"], "speed-up"))
     return rows
 
 

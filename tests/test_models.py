@@ -325,3 +325,19 @@ def test_config_round_trips_through_a_plain_dict():
     assert again == model.cfg
     with pytest.raises(ValueError, match=r"unknown model config field\(s\)"):
         ModelConfig.from_dict({**model.cfg.to_dict(), "extra": 1})
+
+
+def test_written_out_cpu_attention_equals_the_fused_kernel(monkeypatch):
+    """The CPU path (matmul-softmax-matmul, faster to train) and torch's fused kernel are one function."""
+    from workbench.models.vit import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4)
+    x = torch.randn(8, 50, 64, requires_grad=True)
+    results = []
+    for limit in (Attention.EXPLICIT_MAX_TOKENS, 0):   # written out, then fused
+        monkeypatch.setattr(Attention, "EXPLICIT_MAX_TOKENS", limit)
+        y = attn(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), [x, attn.qkv.weight])))
+    for written, fused in zip(*results):
+        torch.testing.assert_close(written, fused, rtol=1e-4, atol=1e-5)

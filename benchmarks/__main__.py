@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             python, why = peer_python(args.peer_python)
             if python is None:
                 print(f"peer section skipped: {why}", file=sys.stderr)
-                rows[name] = [skipped("peer (timm)", "vit-12x192 training vs timm VisionTransformer", why)]
+                rows[name] = [skipped("peer (timm)", "vit-6x96, vit-12x192 training vs timm VisionTransformer", why)]
                 continue
         section_rows, m = run_section(module, python, args.quick, sys.stderr)
         rows[name] = section_rows

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .routing import _default_thresholds, _normalize, imbalance_flag, load_stats
+from .routing import balance_table, group_table, load_frame
 
 __all__ = ["card_tables", "group_expert_table", "card_expert_load", "card_load_balance", "card_router_accuracy"]
 
@@ -31,44 +31,25 @@ def group_expert_table(counts: np.ndarray, classes: Sequence[str], *, by: str = 
                        normalize: Optional[str] = None, layer: Optional[int] = None) -> pd.DataFrame:
     """Class (or super-class) x expert table of one block, normalised like `routing.class_expert_counts`."""
     if by == "class":
-        table, names = counts, [str(c) for c in classes]
+        groups, names = np.arange(len(classes)), [str(c) for c in classes]
     elif by == "superclass":
         if superclasses is None:
             raise ValueError("by='superclass' needs the class -> super-class map")
-        sc = np.asarray(superclasses, dtype=np.int64)
-        n = int(sc.max()) + 1
-        table = np.zeros((n, counts.shape[1]))
-        np.add.at(table, sc, counts)
-        names = list(superclass_names or [f"super-class {g}" for g in range(n)])
+        groups = np.asarray(superclasses, dtype=np.int64)
+        names = list(superclass_names or [f"super-class {g}" for g in range(int(groups.max()) + 1)])
     else:
         raise ValueError(f"by must be 'class' or 'superclass', got {by!r}")
-    df = pd.DataFrame(_normalize(table, normalize), index=pd.Index(names, name=by),
-                      columns=pd.Index(range(counts.shape[1]), name="expert"))
-    df.attrs.update(layer=layer, normalize=normalize)
-    return df
+    return group_table(counts, groups, names, by=by, normalize=normalize, layer=layer)
 
 
 def card_expert_load(tables: dict[int, np.ndarray]) -> pd.DataFrame:
     """Long table (layer, expert, count, share), as `routing.expert_load`."""
-    rows = []
-    for layer, counts in sorted(tables.items()):
-        load = counts.sum(0)
-        total = load.sum()
-        rows += [{"layer": layer, "expert": e, "count": float(c), "share": float(c / total) if total else 0.0}
-                 for e, c in enumerate(load)]
-    return pd.DataFrame(rows, columns=["layer", "expert", "count", "share"])
+    return load_frame({layer: counts.sum(0) for layer, counts in sorted(tables.items())})
 
 
 def card_load_balance(tables: dict[int, np.ndarray], max_share: Optional[float] = None) -> pd.DataFrame:
-    """One row per block: the balance statistics and flag of `routing.load_balance` (no disabled experts)."""
-    rows = []
-    for layer, counts in sorted(tables.items()):
-        load = counts.sum(0)
-        flag, reason = imbalance_flag(load / max(load.sum(), 1), max_share)
-        hi, lo = _default_thresholds(len(load), max_share, None)
-        rows.append({"layer": str(layer), **load_stats(load), "flag": flag, "reason": reason,
-                     "lowest_allowed": lo, "highest_allowed": hi})
-    return pd.DataFrame(rows)
+    """One row per block and "all": the statistics and flags of `routing.load_balance` (no disabled experts)."""
+    return balance_table({layer: counts.sum(0) for layer, counts in sorted(tables.items())}, max_share=max_share)
 
 
 def card_router_accuracy(tables: dict[int, np.ndarray], superclasses: Sequence[int], top_k: int = 1) -> pd.DataFrame:
@@ -85,8 +66,7 @@ def card_router_accuracy(tables: dict[int, np.ndarray], superclasses: Sequence[i
     rows = []
     for layer, counts in sorted(tables.items()):
         total = counts.sum()
-        by_group = np.zeros((n_groups, counts.shape[1]))
-        np.add.at(by_group, sc, counts)
+        by_group = group_table(counts, sc, range(n_groups)).to_numpy()
         own = sum(by_group[g, g] for g in range(min(n_groups, counts.shape[1])))
         rows.append({"layer": layer, "accuracy" if top_k == 1 else "own_superclass_share": own / total if total else 0.0,
                      "purity": by_group.max(0).sum() / total if total else 0.0, "assignments": int(total)})

@@ -30,7 +30,8 @@ from workbench.models import RoutingRecord
 from .collect import RoutingSummary, collect_routing, routing_overrides
 
 __all__ = [
-    "image_expert_counts", "class_expert_counts", "expert_load", "load_stats", "gini", "cv_squared",
+    "image_expert_counts", "class_expert_counts", "group_table", "expert_load", "load_frame", "balance_table",
+    "load_stats", "gini", "cv_squared",
     "imbalance_flag", "load_balance", "entropy_bits", "routing_entropy", "capacity_drops", "drop_summary",
     "compare_batch_priority", "spatial_expert_maps", "mapped_agreement", "normalized_mutual_info",
     "layer_agreement", "router_superclass_accuracy", "mutual_information", "expert_specialisation",
@@ -111,11 +112,18 @@ def class_expert_counts(summary: RoutingSummary, layer: Optional[int] = None, *,
     if per_image:
         counts = _normalize(counts, "row")
     groups, names = _group_labels(summary, by)
-    table = np.zeros((len(names), lr.num_experts))
-    np.add.at(table, groups, counts)
+    return group_table(counts, groups, names, by=by, normalize=normalize, layer=lr.layer)
+
+
+def group_table(counts: np.ndarray, groups, names: Sequence[str], *, by: str = "class",
+                normalize: Optional[str] = None, layer: Optional[int] = None) -> pd.DataFrame:
+    """Rows of (item, expert) `counts` summed by group (`groups[i]` for row i) -> group x expert table,
+    normalised as `class_expert_counts` says. Shared with the card's tables (analysis/card_routing.py)."""
+    table = np.zeros((len(names), counts.shape[1]))
+    np.add.at(table, np.asarray(groups, dtype=np.int64), counts)
     df = pd.DataFrame(_normalize(table, normalize), index=pd.Index(names, name=by),
-                      columns=pd.Index(range(lr.num_experts), name="expert"))
-    df.attrs.update(layer=lr.layer, normalize=normalize)
+                      columns=pd.Index(range(counts.shape[1]), name="expert"))
+    df.attrs.update(layer=layer, normalize=normalize)
     return df
 
 
@@ -197,12 +205,17 @@ def _enabled(summary: RoutingSummary, E: int) -> np.ndarray:
 def expert_load(summary: RoutingSummary, *, after_capacity: bool = True,
                 ranks: Optional[Sequence[int]] = None) -> pd.DataFrame:
     """Long table (layer, expert, count, share) of assignments per expert and MoE block."""
+    return load_frame({lr.layer: image_expert_counts(lr, after_capacity=after_capacity, ranks=ranks).sum(0)
+                       for lr in summary.layers})
+
+
+def load_frame(loads: dict) -> pd.DataFrame:
+    """{block: assignments per expert} -> long table (layer, expert, count, share), blocks in the given order."""
     rows = []
-    for lr in summary.layers:
-        counts = image_expert_counts(lr, after_capacity=after_capacity, ranks=ranks).sum(0)
+    for layer, counts in loads.items():
         total = counts.sum()
         for e, c in enumerate(counts):
-            rows.append({"layer": lr.layer, "expert": e, "count": float(c), "share": float(c / total) if total else 0.0})
+            rows.append({"layer": layer, "expert": e, "count": float(c), "share": float(c / total) if total else 0.0})
     return pd.DataFrame(rows, columns=["layer", "expert", "count", "share"])
 
 
@@ -215,17 +228,23 @@ def load_balance(summary: RoutingSummary, *, max_share: Optional[float] = None, 
     Disabled experts are left out of the statistics.
     """
     load = expert_load(summary, after_capacity=after_capacity)
+    return balance_table({lr.layer: load[load.layer == lr.layer]["count"].to_numpy()[_enabled(summary, lr.num_experts)]
+                          for lr in summary.layers}, max_share=max_share, min_share=min_share,
+                         collapse_share=collapse_share)
+
+
+def balance_table(loads: dict, *, max_share: Optional[float] = None, min_share: Optional[float] = None,
+                  collapse_share: float = 0.9) -> pd.DataFrame:
+    """{block: assignments per (enabled) expert} -> the rows of `load_balance`, "all" included."""
     rows, pooled, worst = [], [], ("ok", "")
     order = {"ok": 0, "imbalanced": 1, "collapsed": 2}
-    for lr in summary.layers:
-        enabled = _enabled(summary, lr.num_experts)
-        counts = load[load.layer == lr.layer]["count"].to_numpy()[enabled]
+    for layer, counts in loads.items():
         stats = load_stats(counts)
         flag, reason = imbalance_flag(counts / max(counts.sum(), 1), max_share, min_share, collapse_share)
         if order[flag] > order[worst[0]]:
-            worst = (flag, f"block {lr.layer}: {reason}")
+            worst = (flag, f"block {layer}: {reason}")
         hi, lo = _default_thresholds(len(counts), max_share, min_share)    # the limits the flag used
-        rows.append({"layer": str(lr.layer), **stats, "flag": flag, "reason": reason,
+        rows.append({"layer": str(layer), **stats, "flag": flag, "reason": reason,
                      "lowest_allowed": lo, "highest_allowed": hi})
         pooled.append(counts / max(counts.sum(), 1))
     if pooled:

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from tests.conftest import REPO, save_tiny_checkpoint  # noqa: E402
+from tests.conftest import save_tiny_checkpoint  # noqa: E402
 
 CARD_PAGES = ["overview", "confusion_graph", "superclasses", "hierarchy", "routing", "tradeoff"]
 IMAGE_PAGES = ["inspector", "experts"]
@@ -45,17 +44,10 @@ def tin_sample(tmp_path_factory):
 
 
 @pytest.fixture
-def page_without_data(monkeypatch, tmp_path, tin_sample):
-    monkeypatch.setenv("WORKBENCH_SAMPLES", str(tin_sample))
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+def page_without_data(monkeypatch, tmp_path, tin_sample, open_page):
+    """open_page (tests/conftest.py) on the Tiny ImageNet sample, with a data search path that has nothing."""
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "no-data-here"))
-
-    def open_page(page: str) -> AppTest:
-        at = AppTest.from_file(str(REPO / "workbench" / "app.py"), default_timeout=120)
-        at.query_params["ckpt"] = "samples/tin-mvmoe"
-        at.run()
-        return at.switch_page(f"../pages/{page}.py").run() if page != "overview" else at
-    return open_page
+    return lambda page: open_page(tin_sample, "tin-mvmoe", f"pages/{page}.py")
 
 
 @pytest.mark.parametrize("page", CARD_PAGES)

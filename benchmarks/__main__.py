@@ -96,7 +96,7 @@ PREAMBLE = """# Benchmark results
 Written by `python -m benchmarks`. One part per CPU kind: figures are only comparable within a part.
 Within a part, each table comes from the run named above it (command, date, load).
 Ratios: *speed-up* = comparison time / our time (> 1: ours faster); *time X / Y* = our time /
-comparison time (< 1: ours cheaper); *fraction of peak* = achieved / peak.
+comparison time (< 1: ours cheaper); *fraction of peak* = achieved / peak; *fraction of the step* = time in that part / step time.
 """
 
 

@@ -1,12 +1,15 @@
 """Batch-1 latency (the "mobile" in Mobile V-MoE): dense vs per-image MoE vs per-token MoE.
 
-    python -m benchmarks.batch1_latency [--width 192 --depth 12] [--repeats 15] [--compile] [--quick] [--json]
+    python -m benchmarks.batch1_latency [--width 192 --depth 12] [--repeats 30] [--compile] [--quick] [--json]
 
 Same width and depth for all three: `vit-LxD`, `mvmoe-LxD-e10k1` (per-image
 router, one expert per image: the dense MACs plus a router) and
 `vmoe-LxD-e8k2` (per-token routing, two experts per token). fp32, eval mode,
-inference_mode, 28x28x1 inputs. Batch 1 is timed in blocks of calls
-(median over blocks, interleaved side by side); batch 256 one call at a time.
+inference_mode, 28x28x1 inputs. Batch 1 is timed in blocks of 20 calls, batch 256
+one call at a time, the models interleaved round by round; a ratio is the median
+of the per-round ratios, with their quartiles: on a shared 2-core VM, back-to-back
+runs of the same code moved the batch-1 ratio between 0.99x and 1.14x, so the
+quartiles say whether a few per cent are a difference or noise.
 Eager and onnxruntime (each model exported by `workbench.export`, every expert in the graph,
 same thread count; `--no-onnx` skips it) always; with --compile also `torch.compile` (inductor; minutes of
 compiling on a 2-core machine), with a row saying whether it helps. Targets: per-image MoE <= 1.05x dense at batch 1, <= 1.02x at batch 256.
@@ -14,6 +17,7 @@ compiling on a 2-core machine), with a row saying whether it helps. Targets: per
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import emit, ms, row, side_by_side  # noqa: E402
+from benchmarks.common import emit, interleaved_times, ms, paired_ratios, row  # noqa: E402
 from workbench.models import create_model  # noqa: E402
 
 SECTION = "batch-1 latency"
@@ -79,8 +83,8 @@ def measure_mode(models: dict, batch: int, repeats: int, mode: str, sessions: Op
             fn = lambda x, s=sessions[name], feed=feed: s.run(["logits"], feed)  # noqa: E731
         fns[name] = block(lambda fn=fn: fn(x), calls)
     with torch.inference_mode():
-        t = side_by_side(fns, repeats, warmup=3)
-    return {k: v / calls for k, v in t.items()}
+        times = interleaved_times(fns, repeats, warmup=3)
+    return {k: [v / calls for v in t] for k, t in times.items()}
 
 
 def measure(width: int, depth: int, repeats: int, batches=(1, 256), modes=("eager", "compiled")) -> list:
@@ -99,20 +103,25 @@ def measure(width: int, depth: int, repeats: int, batches=(1, 256), modes=("eage
                 continue
         for batch in batches:
             try:
-                t = measure_mode(models, batch, repeats if batch == 1 else max(3, repeats // 3), mode, sessions)
+                times = measure_mode(models, batch, repeats if batch == 1 else max(3, repeats // 3), mode, sessions)
             except Exception as e:  # noqa: BLE001
                 rows.append(row(SECTION, f"{mode}, batch {batch}", "skipped", f"{type(e).__name__}: {e}"[:200],
                                 None, ""))
                 continue
+            ratio, q1, q3 = paired_ratios(times, "image", "dense")
+            token_ratio, tq1, tq3 = paired_ratios(times, "token", "dense")
+            t = {k: statistics.median(v) for k, v in times.items()}
             if mode == "eager":
                 eager[batch] = t
-            ratio = t["image"] / t["dense"]
             target = f"≤ {TARGETS[batch]:.2f}×" if batch in TARGETS else ""
-            rows.append(row(SECTION, f"{mode}, batch {batch}, fp32: per-image {names['image']} vs dense {names['dense']}",
+            rounds = f"median of {len(times['dense'])} paired rounds"
+            rows.append(row(SECTION, f"{mode}, batch {batch}, fp32: per-image {names['image']} vs dense {names['dense']} "
+                            f"({rounds}; quartiles {q1:.2f}–{q3:.2f}×)",
                             ms(t["image"]), ms(t["dense"]), ratio, "time MoE / dense", target,
                             ratio <= TARGETS[batch] if batch in TARGETS else None))
-            rows.append(row(SECTION, f"{mode}, batch {batch}, fp32: per-token {names['token']} vs dense {names['dense']}",
-                            ms(t["token"]), ms(t["dense"]), t["token"] / t["dense"], "time MoE / dense"))
+            rows.append(row(SECTION, f"{mode}, batch {batch}, fp32: per-token {names['token']} vs dense {names['dense']} "
+                            f"({rounds}; quartiles {tq1:.2f}–{tq3:.2f}×)",
+                            ms(t["token"]), ms(t["dense"]), token_ratio, "time MoE / dense"))
             if mode != "eager" and batch in eager:
                 rows.append(row(SECTION, f"batch {batch}: {mode} vs eager PyTorch, per-image MoE (dense: "
                                 f"{eager[batch]['dense'] / t['dense']:.2f}×)", ms(t["image"]), ms(eager[batch]["image"]),
@@ -125,7 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=30, help="paired rounds at batch 1 (a third at batch 256)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows (exported models)")
     ap.add_argument("--quick", action="store_true", help="a 4x64 model, few repeats, eager (checks the plumbing)")

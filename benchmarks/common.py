@@ -31,9 +31,10 @@ import torch.nn.functional as F  # noqa: E402
 JSON_MARKER = "BENCHMARK-ROWS-JSON:"
 
 
-def side_by_side(fns: dict, repeats: int, warmup: int = 2, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Median seconds per call of each fn, interleaving the calls so slow phases of a shared machine
-    hit every candidate alike."""
+def interleaved_times(fns: dict, repeats: int, warmup: int = 2,
+                      clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Seconds of every call of each fn, `repeats` rounds of one call each, interleaved so that slow
+    phases of a shared machine hit every candidate alike; round i of one fn pairs with round i of another."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -43,7 +44,21 @@ def side_by_side(fns: dict, repeats: int, warmup: int = 2, clock: Callable[[], f
             t0 = clock()
             fn()
             times[name].append(clock() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def side_by_side(fns: dict, repeats: int, warmup: int = 2, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Median seconds per call of each fn, interleaved (see `interleaved_times`)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, warmup, clock).items()}
+
+
+def paired_ratios(times: dict, numerator: str, denominator: str) -> tuple:
+    """(median, 25th, 75th percentile) of the per-round ratio numerator / denominator of
+    `interleaved_times`: pairing rounds cancels the machine's slow phases, and the quartiles
+    say how much of a small difference is noise."""
+    ratios = sorted(a / b for a, b in zip(times[numerator], times[denominator]))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return statistics.median(ratios), q1, q3
 
 
 def train_step(model: torch.nn.Module, batch_size: int, amp_dtype=None, ours: bool = True, seed: int = 0,

@@ -11,6 +11,11 @@
   times images/s, with MACs from `workbench.flops.count_macs` (exact vs
   torch's FlopCounterMode, see tests/test_flops.py).
 Both are measured in this process, interleaved; the fraction is the figure.
+- GEMM share: the fraction of the step's operator time spent in matrix products
+  (aten::mm, addmm, bmm, baddbmm; torch.profiler, self CPU time), and what
+  follows from it: a step whose every other operator took no time at all would
+  be 1 / share faster. Any implementation that runs the same products through
+  the same library (timm does) can be beaten by at most that factor.
 """
 from __future__ import annotations
 
@@ -27,6 +32,20 @@ from workbench.flops import count_macs  # noqa: E402
 from workbench.models import create_model  # noqa: E402
 
 SECTION = "against the limit"
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_share(step, steps: int = 3) -> float:
+    """Fraction of the step's operator self time (torch.profiler) spent in matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / total
 
 
 def gemm(n: int, dtype: torch.dtype):
@@ -50,6 +69,11 @@ def measure(model: str = "vit-12x192", n: int = 4096, batch_size: int = 128, rep
                         + (" autocast" if amp else "") + f": achieved vs {name} GEMM peak "
                         f"({batch_size / t['train']:.0f} img/s × 3 × 2 × forward MACs)",
                         f"{achieved:.0f} GFLOP/s", f"{peak:.0f} GFLOP/s", achieved / peak, "fraction of peak"))
+        share = gemm_share(train_step(create_model(model), batch_size, amp))
+        rows.append(row(SECTION, f"{model} training, batch {batch_size}, {name}: share of the step in matrix "
+                        f"products ({', '.join(GEMM_OPS)}; torch.profiler self time) and the most any "
+                        "implementation with the same products could gain (1 / share: every other operator free)",
+                        f"{share:.0%} of the step", f"ceiling {1 / share:.2f}×", share, "fraction of the step"))
     return rows
 
 

@@ -1,6 +1,6 @@
 """Training throughput of our `vit-12x192` vs timm's `VisionTransformer` of the same shape.
 
-    /tmp/bench-venv/bin/python benchmarks/peer.py [--batch-size 128] [--steps 8] [--json]
+    /tmp/bench-venv/bin/python benchmarks/peer.py [--batch-size 128] [--steps 12] [--json]
 
 timm is a benchmark-only peer, never a dependency: it needs torchvision, which
 does not import beside the project's torch 2.13 CPU build, so this runs in a
@@ -17,6 +17,7 @@ same batch, same training step (benchmarks/common.train_step), interleaved.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import emit, native_bf16, row, side_by_side, skipped, train_step  # noqa: E402
+from benchmarks.common import emit, interleaved_times, native_bf16, paired_ratios, row, skipped, train_step  # noqa: E402
 from workbench.models import create_model  # noqa: E402
 
 SECTION = "peer (timm)"
@@ -44,7 +45,7 @@ def timm_vit(preset: str):
 TARGET = 1.3   # issue 15: our default training path at least 1.3x timm's, same shape, same step
 
 
-def measure(presets=("vit-6x96", "vit-12x192"), batch_size: int = 128, steps: int = 8, warmup: int = 2) -> list:
+def measure(presets=("vit-6x96", "vit-12x192"), batch_size: int = 128, steps: int = 12, warmup: int = 2) -> list:
     try:
         import timm
     except ImportError as e:
@@ -57,12 +58,15 @@ def measure(presets=("vit-6x96", "vit-12x192"), batch_size: int = 128, steps: in
             raise RuntimeError(f"shapes differ: ours {n_ours} params, timm {n_peer}")
         precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if native_bf16() else [])
         for name, amp in precisions:
-            t = side_by_side({"ours": train_step(create_model(preset), batch_size, amp),
-                              "timm": train_step(timm_vit(preset), batch_size, amp, ours=False)}, steps, warmup)
+            times = interleaved_times({"ours": train_step(create_model(preset), batch_size, amp),
+                                       "timm": train_step(timm_vit(preset), batch_size, amp, ours=False)}, steps, warmup)
+            speedup, q1, q3 = paired_ratios(times, "timm", "ours")
+            t = {k: statistics.median(v) for k, v in times.items()}
             rows.append(row(SECTION, f"{preset} training, batch {batch_size}, {name}: ours vs timm {timm.__version__} "
-                            f"VisionTransformer ({n_ours / 1e6:.2f} M params each; torch {torch.__version__})",
+                            f"VisionTransformer ({n_ours / 1e6:.2f} M params each; torch {torch.__version__}; "
+                            f"median of {steps} paired steps, quartiles {q1:.2f}–{q3:.2f}×)",
                             f"{batch_size / t['ours']:.0f} img/s", f"{batch_size / t['timm']:.0f} img/s",
-                            t["timm"] / t["ours"], "speed-up", f"≥ {TARGET}×", t["timm"] / t["ours"] >= TARGET))
+                            speedup, "speed-up", f"≥ {TARGET}×", speedup >= TARGET))
     return rows
 
 
@@ -70,7 +74,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["vit-6x96", "vit-12x192"])
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--quick", action="store_true", help="3 steps (a smoke run)")
     p.add_argument("--json", action="store_true", help="rows as JSON for `python -m benchmarks`")
     args = p.parse_args()

@@ -95,8 +95,9 @@ class Experts(nn.Module):
             y = torch.einsum("neh,edh->ned", h, self.fc2_weight) + self.fc2_bias
             return torch.einsum("ne,ned->nd", gate, y)
         # whole images, computed transposed (W @ x^T) so that the gathered weights are used as stored:
-        # only the activations are transposed. Batched MatMul rather than Einsum: onnxruntime ran this
-        # layer 1.19x -> 1.04x the dense model's time at batch 256 (1.14x -> 1.08x at batch 1).
+        # only the activations are transposed. Batched MatMul rather than Einsum: in onnxruntime the
+        # per-image 12x192 model went from 1.19x to 1.04x the dense model's time at batch 256
+        # (1.14x -> 1.08x at batch 1; `python -m benchmarks --only latency`).
         items_t = x.reshape(N, 1, -1, x.shape[-1]).transpose(-1, -2)                       # (N, 1, D, S)
         h = torch.matmul(self.fc1_weight[experts], items_t) + self.fc1_bias[experts][..., None]   # (N, k, H, S)
         y = torch.matmul(self.fc2_weight[experts], F.gelu(h)) + self.fc2_bias[experts][..., None]  # (N, k, D, S)

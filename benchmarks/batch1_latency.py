@@ -17,7 +17,6 @@ compiling on a 2-core machine), with a row saying whether it helps. Targets: per
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import emit, interleaved_times, ms, paired_ratios, row  # noqa: E402
+from benchmarks.common import emit, interleaved_times, medians, ms, paired_ratios, row  # noqa: E402
 from workbench.models import create_model  # noqa: E402
 
 SECTION = "batch-1 latency"
@@ -110,7 +109,7 @@ def measure(width: int, depth: int, repeats: int, batches=(1, 256), modes=("eage
                 continue
             ratio, q1, q3 = paired_ratios(times, "image", "dense")
             token_ratio, tq1, tq3 = paired_ratios(times, "token", "dense")
-            t = {k: statistics.median(v) for k, v in times.items()}
+            t = medians(times)
             if mode == "eager":
                 eager[batch] = t
             target = f"≤ {TARGETS[batch]:.2f}×" if batch in TARGETS else ""

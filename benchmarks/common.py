@@ -47,9 +47,14 @@ def interleaved_times(fns: dict, repeats: int, warmup: int = 2,
     return times
 
 
+def medians(times: dict) -> dict:
+    """{name: median} of `interleaved_times`' {name: per-round seconds}."""
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def side_by_side(fns: dict, repeats: int, warmup: int = 2, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Median seconds per call of each fn, interleaved (see `interleaved_times`)."""
-    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, warmup, clock).items()}
+    return medians(interleaved_times(fns, repeats, warmup, clock))
 
 
 def paired_ratios(times: dict, numerator: str, denominator: str) -> tuple:

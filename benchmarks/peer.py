@@ -17,7 +17,6 @@ same batch, same training step (benchmarks/common.train_step), interleaved.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import emit, interleaved_times, native_bf16, paired_ratios, row, skipped, train_step  # noqa: E402
+from benchmarks.common import emit, interleaved_times, medians, native_bf16, paired_ratios, row, skipped, train_step  # noqa: E402
 from workbench.models import create_model  # noqa: E402
 
 SECTION = "peer (timm)"
@@ -61,7 +60,7 @@ def measure(presets=("vit-6x96", "vit-12x192"), batch_size: int = 128, steps: in
             times = interleaved_times({"ours": train_step(create_model(preset), batch_size, amp),
                                        "timm": train_step(timm_vit(preset), batch_size, amp, ours=False)}, steps, warmup)
             speedup, q1, q3 = paired_ratios(times, "timm", "ours")
-            t = {k: statistics.median(v) for k, v in times.items()}
+            t = medians(times)
             rows.append(row(SECTION, f"{preset} training, batch {batch_size}, {name}: ours vs timm {timm.__version__} "
                             f"VisionTransformer ({n_ours / 1e6:.2f} M params each; torch {torch.__version__}; "
                             f"median of {steps} paired steps, quartiles {q1:.2f}–{q3:.2f}×)",

@@ -107,6 +107,11 @@ def test_grid_reports_every_seed_and_the_spread(grid_dir):
                 float(r["test_accuracy"]) - float(dense["test_accuracy"]), abs=1e-4)
     table = (base / "runs" / "grid.md").read_text()
     assert table.count("(n=2)") >= 3 and "± " in table
+    # synthetic has designed groups: the dense row says how well each seed's super-classes recover them
+    dense_row = next(line for line in table.splitlines() if "| vit-2x32 |" in line).strip("|").split("|")
+    ari, nmi = (float(v.split("±")[0]) for v in dense_row[-1].split("/"))
+    ari_seeds = [float(r["ari"]) for r in rows if r["model"] == "dense"]
+    assert ari == pytest.approx(sum(ari_seeds) / 2, abs=1e-3) and 0 < nmi <= 1
 
 
 def test_grid_ships_the_median_seed_with_every_seeds_numbers(grid_dir):

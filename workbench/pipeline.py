@@ -477,14 +477,15 @@ def _mean_std(values: list) -> tuple:
     return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)
 
 
-def _pm(values: list, scale: float = 100, digits: int = 2, sign: bool = False) -> str:
-    """"mean ± std (n)" in points; one value: just the value, with (n = 1)."""
+def _pm(values: list, scale: float = 100, digits: int = 2, sign: bool = False, count: bool = True) -> str:
+    """"mean ± std (n)" in points; one value: just the value, with (n = 1). count=False leaves out
+    the (n) where the row already says how many seeds it has."""
     mean, std, n = _mean_std(values)
     if n == 0:
         return ""
     fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
-    return f"{fmt.format(scale * mean)} ± {scale * std:.{digits}f} (n={n})" if n > 1 else \
-        f"{fmt.format(scale * mean)} (n=1)"
+    text = f"{fmt.format(scale * mean)} ± {scale * std:.{digits}f}" if n > 1 else fmt.format(scale * mean)
+    return f"{text} (n={n})" if count else text
 
 
 def grid_rows(reports: dict) -> list:
@@ -501,13 +502,15 @@ def grid_rows(reports: dict) -> list:
 
 def grid_table(rows: list) -> str:
     """Markdown: per size and model, mean ± std over the seeds done so far (n = seeds), the paired
-    difference to dense per seed, MACs and params; then every seed's accuracy."""
+    difference to dense per seed, MACs, params and training time; on the dense row, how well the
+    super-classes found from its confusion match the dataset's reference grouping (ARI / NMI)."""
     cells: dict = {}
     for r in rows:
         cells.setdefault((r["size"], r["model"]), []).append(r)
     lines = ["| size | model | router | seeds | test acc (%) | Δ vs dense, paired (points) | per-seed Δ | "
-             "router acc (%) | perfect-router acc (%) | MACs/img | params active / total |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "router acc (%) | perfect-router acc (%) | MACs/img | params active / total | "
+             "train wall time (min) | super-classes vs reference: ARI / NMI |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (size, model), rs in cells.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         first = rs[0]
@@ -519,8 +522,18 @@ def grid_table(rows: list) -> str:
             f"{_pm([r['delta_vs_dense'] for r in rs], sign=True) if model != 'dense' else ''} | {per_seed} | "
             f"{_pm([r['router_superclass_accuracy'] for r in rs])} | "
             f"{_pm([r['oracle_routing_accuracy'] for r in rs])} | {first['macs_active'] / 1e6:.2f} M | "
-            f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M |")
+            f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M | "
+            f"{_pm([r.get('train_wall_time_s') for r in rs], scale=1 / 60, digits=0, count=False)} | "
+            f"{_agreement(rs) if model == 'dense' else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _agreement(rows: list) -> str:
+    """"ARI / NMI" (mean ± std over seeds) of each seed's super-classes vs the reference grouping;
+    empty where the dataset has none."""
+    if all(r.get("ari") is None for r in rows):
+        return ""
+    return " / ".join(_pm([r.get(k) for r in rows], scale=1, digits=3, count=False) for k in ("ari", "nmi"))
 
 
 def median_seed(rows: list) -> int:

@@ -143,6 +143,27 @@ def test_a_resumed_grid_trains_nothing_again(grid_dir, monkeypatch):
     assert weights.stat().st_mtime_ns == before
 
 
+def test_a_worker_that_finds_a_seed_busy_still_tables_that_seeds_finished_runs(grid_dir, monkeypatch):
+    """Two workers share a grid: the one that skips a seed the other is training must not rewrite
+    the table and the shipped cards without that seed's results."""
+    from workbench.runs import RunBusy
+
+    base, args = grid_dir
+    real_run = pipeline.run
+
+    def run_unless_seed_1(cfg):
+        if cfg.seed == 1:
+            raise RunBusy("another worker trains it")
+        return real_run(cfg)
+
+    monkeypatch.setattr(pipeline, "SAMPLE_GRID", {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e"])})
+    monkeypatch.setattr(pipeline, "run", run_unless_seed_1)
+    (base / "runs" / "grid.md").unlink()
+    assert pipeline.main(args) == 0
+    assert (base / "runs" / "grid.md").read_text().count("(n=2)") >= 3
+    assert [s["seed"] for s in read_card(base / "shipped" / "synthetic-vit-2x32")["seeds"]] == [0, 1]
+
+
 def test_median_seed_is_the_lower_middle():
     rows = [{"seed": s, "test_accuracy": a} for s, a in ((0, 0.90), (1, 0.80), (2, 0.85), (3, 0.95))]
     assert pipeline.median_seed(rows[:3]) == 2 and pipeline.median_seed(rows) == 2

@@ -585,7 +585,6 @@ def run_grid(cfg: PipelineConfig) -> None:
     base = Path(cfg.out)
     grid, grid_recipe = sample_grid(cfg.dataset)
     recipe = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in grid_recipe.items()}
-    reports: dict = {}
     for with_extras in (False, True):
         for size, (dense, n_seeds, extras) in grid.items():
             if with_extras and not extras:
@@ -596,12 +595,26 @@ def run_grid(cfg: PipelineConfig) -> None:
                                           export=None, extra=list(cfg.extra) + (extras if with_extras else []),
                                           results=str(folder / "results.csv"))
                 try:
-                    reports[(size, seed)] = run(sub)
+                    run(sub)
                 except RunBusy as e:   # another worker trains this seed now: go on with the next one
                     _say(cfg, f"{size} seed {seed} skipped: {e}")
                     continue
-                _write_grid(cfg, base, reports)
-    print(grid_table(grid_rows(reports)))
+                _write_grid(cfg, base, finished_reports(base, grid))
+    print(grid_table(grid_rows(finished_reports(base, grid))))
+
+
+def finished_reports(base: Path, grid: dict) -> dict:
+    """{(size, seed): report} of every pipeline of the grid that has written its report, whichever
+    worker ran it: two workers sharing a grid then never write a table that lacks the other's seeds."""
+    from .runs import read_json
+
+    reports = {}
+    for size, (_, n_seeds, _) in grid.items():
+        for seed in range(n_seeds):
+            report = read_json(base / size / f"seed-{seed}" / "report.json")
+            if report:
+                reports[(size, seed)] = report
+    return reports
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

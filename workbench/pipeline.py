@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 from .checkpoint import read_card
 from .pipeline_config import RECIPE_FIELDS, PipelineConfig, default_num_groups, dense_shape, from_args  # noqa: F401
 from . import snapshots
-from .runs import RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json
+from .runs import STATUS_FILE, RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
 
 
 def clustering_methods() -> list[str]:
@@ -105,7 +105,6 @@ def _say(cfg: PipelineConfig, msg: str) -> None:
 def _train_stage(cfg: PipelineConfig, run_dir: Path, preset: str, superclasses: Optional[Path] = None) -> dict:
     """Train one model into run_dir, resuming an unfinished run; skip a finished one."""
     from .checkpoint import TRAIN_STATE
-    from .runs import STATUS_FILE, read_json
     from .train import train
     from .train_config import TrainConfig, model_from_preset
 
@@ -606,8 +605,6 @@ def run_grid(cfg: PipelineConfig) -> None:
 def finished_reports(base: Path, grid: dict) -> dict:
     """{(size, seed): report} of every pipeline of the grid that has written its report, whichever
     worker ran it: two workers sharing a grid then never write a table that lacks the other's seeds."""
-    from .runs import read_json
-
     reports = {}
     for size, (_, n_seeds, _) in grid.items():
         for seed in range(n_seeds):

@@ -568,7 +568,7 @@ def _write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
         # one seed is shipped per size: the dense model's median seed, and the MoEs of that seed
         # (paired with it: same data order); every seed's numbers are in the cards and the CSV
         chosen = median_seed(by_model["dense"])
-        export(base / size / f"seed-{chosen}", dest, reports[(size, chosen)], seeds)
+        export(seed_dir(base, size, chosen), dest, reports[(size, chosen)], seeds)
     short = SHORT_NAMES.get(cfg.dataset, cfg.dataset)      # one folder can hold several datasets' grids
     atomic_copy(results, dest / f"{short}-grid-results.csv")
     atomic_copy(base / "grid.md", dest / f"{short}-grid.md")
@@ -589,7 +589,7 @@ def run_grid(cfg: PipelineConfig) -> None:
             if with_extras and not extras:
                 continue
             for seed in range(n_seeds):
-                folder = base / size / f"seed-{seed}"
+                folder = seed_dir(base, size, seed)
                 sub = dataclasses.replace(cfg, **recipe, **dense_shape(dense), out=str(folder), seed=seed, grid=None,
                                           export=None, extra=list(cfg.extra) + (extras if with_extras else []),
                                           results=str(folder / "results.csv"))
@@ -602,13 +602,18 @@ def run_grid(cfg: PipelineConfig) -> None:
     print(grid_table(grid_rows(finished_reports(base, grid))))
 
 
+def seed_dir(base: Path, size: str, seed: int) -> Path:
+    """Where the grid runs the whole pipeline of one (size, seed): OUT/<size>/seed-<s>/."""
+    return base / size / f"seed-{seed}"
+
+
 def finished_reports(base: Path, grid: dict) -> dict:
     """{(size, seed): report} of every pipeline of the grid that has written its report, whichever
     worker ran it: two workers sharing a grid then never write a table that lacks the other's seeds."""
     reports = {}
     for size, (_, n_seeds, _) in grid.items():
         for seed in range(n_seeds):
-            report = read_json(base / size / f"seed-{seed}" / "report.json")
+            report = read_json(seed_dir(base, size, seed) / "report.json")
             if report:
                 reports[(size, seed)] = report
     return reports

@@ -46,7 +46,18 @@ def test_a_rerun_skips_finished_stages(run_dir):
     before = (run_dir / "dense" / "model.safetensors").stat().st_mtime_ns
     assert pipeline.main(["--dataset", "synthetic", "--out", str(run_dir), "--epochs", "3", "--quiet"]) == 0
     assert (run_dir / "dense" / "model.safetensors").stat().st_mtime_ns == before
-    assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 4  # two rows per run
+    rows = list(csv.DictReader(open(run_dir / "results.csv")))
+    assert sorted(r["model"] for r in rows) == ["dense", "moe"]  # a resumed run replaces its rows
+
+
+def test_runs_sharing_a_results_csv_keep_each_others_rows(tmp_path):
+    shared = tmp_path / "all.csv"
+    row = lambda run, acc: {"model": "dense", "test_accuracy": acc, "run_dir": run}  # noqa: E731
+    pipeline._upsert_rows(shared, [row("a", 0.5)])
+    pipeline._upsert_rows(shared, [row("b", 0.6)])
+    pipeline._upsert_rows(shared, [row("a", 0.7)])
+    rows = list(csv.DictReader(open(shared)))
+    assert {(r["run_dir"], r["test_accuracy"]) for r in rows} == {("a", "0.7"), ("b", "0.6")}
 
 
 def test_the_hierarchy_template_reads_back_as_an_image_folders_reference_hierarchy(run_dir, tmp_path):

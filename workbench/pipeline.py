@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e]",
                    help="also train this preset with the same recipe (e.g. vmoe-6x96-e8k2, or "
                         "mvmoe-6x96-e4k1:e2e for an end-to-end router without super-classes)")
-    p.add_argument("--results", default=None, metavar="CSV", help="results CSV to append to (default OUT/results.csv)")
+    p.add_argument("--results", default=None, metavar="CSV", help="results CSV to add this run's rows to, replacing its earlier ones (default OUT/results.csv)")
     p.add_argument("--grid", choices=("samples",), default=None, help="run the sample-checkpoint grid into OUT/<size>/")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="copy every finished checkpoint (weights + card) and the run's reports into DIR, "
@@ -316,7 +316,7 @@ def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, 
     quality = clustering["quality"]
     rows = [_result_row(cfg, out, name, preset, evaluation[name], quality, clustering["method"])
             for name, (preset, _) in runs.items()]
-    _append_rows(Path(cfg.results) if cfg.results else out / "results.csv", rows)
+    _upsert_rows(Path(cfg.results) if cfg.results else out / "results.csv", rows)
     wall = round(time.time() - t0, 1)
     report = {
         "dataset": cfg.dataset, "classes": classes, "num_groups": E, "method": clustering["method"],
@@ -356,14 +356,23 @@ def _jsonable(obj):
     return obj
 
 
-def _append_rows(path: Path, rows: list) -> None:
+def _upsert_rows(path: Path, rows: list) -> None:
+    """Add this run's rows to a results CSV, replacing the rows an earlier pass of the same run
+    wrote (same run_dir), so resuming a pipeline N times leaves one row per model, not N. Rows of
+    other runs sharing the CSV (--results) stay."""
+    ours = {r["run_dir"] for r in rows}
+    kept, fields = [], list(rows[0])
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields += [c for c in reader.fieldnames or () if c not in fields]
+            kept = [r for r in reader if r.get("run_dir") not in ours]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(kept + rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"))
 
 
 def _markdown(r: dict) -> str:

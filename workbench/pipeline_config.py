@@ -65,7 +65,7 @@ class PipelineConfig:
     seed: int = 0
     extra: list = field(default_factory=list)   # further presets trained with the same recipe, PRESET[:e2e]
     out: Optional[str] = None               # the run directory (stages already there are skipped)
-    results: Optional[str] = None           # results CSV to append to (None: OUT/results.csv)
+    results: Optional[str] = None           # results CSV this run's rows go to (None: OUT/results.csv)
     grid: Optional[str] = None              # "samples": the sample-checkpoint grid into OUT/<size>/
     export: Optional[str] = None            # copy finished checkpoints and reports into this folder
     quiet: bool = False                     # no progress lines

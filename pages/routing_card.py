@@ -25,8 +25,9 @@ def show(card: dict) -> None:
             + ". Inference-time routing, capacity, expert ablation, patch maps and embeddings need the images.")
     metrics = card.get("metrics") or {}
     m = st.columns(3)
-    for col, (key, label) in zip(m, [("test_accuracy", "Test accuracy (card)"),
-                                     ("router_superclass_accuracy", "Router accuracy vs super-classes"),
+    router = ("router_superclass_purity", "Router purity vs super-classes") if "router_superclass_purity" in metrics \
+        else ("router_superclass_accuracy", "Router accuracy vs super-classes")
+    for col, (key, label) in zip(m, [("test_accuracy", "Test accuracy (card)"), router,
                                      ("oracle_routing_accuracy", "Accuracy with a perfect router")]):
         if isinstance(metrics.get(key), (int, float)):
             col.metric(label, f"{metrics[key]:.2%}")

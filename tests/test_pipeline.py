@@ -1,6 +1,7 @@
 """The paper's procedure end to end on the synthetic dataset (designed super-classes)."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,14 +51,15 @@ def test_a_rerun_skips_finished_stages(run_dir):
     assert sorted(r["model"] for r in rows) == ["dense", "moe"]  # a resumed run replaces its rows
 
 
-def test_runs_sharing_a_results_csv_keep_each_others_rows(tmp_path):
+def test_runs_sharing_a_results_csv_keep_each_others_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     shared = tmp_path / "all.csv"
     row = lambda run, acc: {"model": "dense", "test_accuracy": acc, "run_dir": run}  # noqa: E731
     pipeline._upsert_rows(shared, [row("a", 0.5)])
     pipeline._upsert_rows(shared, [row("b", 0.6)])
-    pipeline._upsert_rows(shared, [row("a", 0.7)])
+    pipeline._upsert_rows(shared, [row(str(tmp_path / "a"), 0.7)])   # run a again, --out given absolute
     rows = list(csv.DictReader(open(shared)))
-    assert {(r["run_dir"], r["test_accuracy"]) for r in rows} == {("a", "0.7"), ("b", "0.6")}
+    assert {(Path(r["run_dir"]).name, r["test_accuracy"]) for r in rows} == {("a", "0.7"), ("b", "0.6")}
 
 
 def test_the_hierarchy_template_reads_back_as_an_image_folders_reference_hierarchy(run_dir, tmp_path):
@@ -118,6 +120,15 @@ def test_grid_reports_every_seed_and_the_spread(grid_dir):
                 float(r["test_accuracy"]) - float(dense["test_accuracy"]), abs=1e-4)
     table = (base / "runs" / "grid.md").read_text()
     assert table.count("(n=2)") >= 3 and "± " in table
+    # the end-to-end router numbers its experts freely: it is scored by purity, never by accuracy
+    e2e = [r for r in rows if r["model"] == "mvmoe-2x32-e4k1-e2e"]
+    assert all(r["router_superclass_accuracy"] == "" and 0 < float(r["router_superclass_purity"]) <= 1 for r in e2e)
+    moe = [r for r in rows if r["model"] == "moe"]
+    assert all(r["router_superclass_purity"] == "" and float(r["router_superclass_accuracy"]) > 0 for r in moe)
+    e2e_row = next(line for line in table.splitlines() if "| mvmoe-2x32-e4k1-e2e |" in line)
+    assert "| purity " in e2e_row
+    card = read_card(base / "runs" / "2x32" / "seed-0" / "mvmoe-2x32-e4k1-e2e")
+    assert "router_superclass_accuracy" not in card["metrics"] and "router_superclass_purity" in card["metrics"]
     # synthetic has designed groups: the dense row says how well each seed's super-classes recover them
     dense_row = next(line for line in table.splitlines() if "| vit-2x32 |" in line).strip("|").split("|")
     ari, nmi = (float(v.split("±")[0]) for v in dense_row[-1].split("/"))

@@ -198,7 +198,7 @@ def _check_seeds(seeds, path) -> None:
     for s in seeds:
         _check(isinstance(s.get("seed"), int) and not isinstance(s.get("seed"), bool), path,
                f"seeds: every entry needs an integer 'seed', got {s.get('seed')!r}")
-        for key in ("test_accuracy", "router_superclass_accuracy", "oracle_routing_accuracy"):
+        for key in ("test_accuracy", "router_superclass_accuracy", "router_superclass_purity", "oracle_routing_accuracy"):
             v = s.get(key)
             _check(v is None or (_is_number(v) and 0 <= v <= 1), path,
                    f"seeds: {key} of seed {s['seed']} must be a fraction in [0, 1], got {v!r}")

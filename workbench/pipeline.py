@@ -39,6 +39,11 @@ from . import snapshots
 from .runs import STATUS_FILE, RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
 
 
+# how a MoE routes, per run and per seed: accuracy and perfect-router accuracy for routers trained
+# on the super-classes, purity for end-to-end ones (evaluate_checkpoint)
+ROUTER_FIELDS = ("router_superclass_accuracy", "router_superclass_purity", "oracle_routing_accuracy")
+
+
 def clustering_methods() -> list[str]:
     """'auto' (the router-aware choice) and every clustering method of analysis.superclasses."""
     from analysis.superclass_choice import AUTO
@@ -131,8 +136,10 @@ def _patch_card(run_dir: Path, **fields) -> None:
 
 
 def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -> dict:
-    """Test accuracy, MACs/params and, for per-image routers, accuracy against the super-classes
-    (and, for super-class-guided ones, the accuracy with a perfect router)."""
+    """Test accuracy, MACs/params and, for per-image routers, how they route against the super-classes:
+    a router trained on the map is scored by accuracy (expert g is super-class g's) and by the
+    accuracy a perfect router would give; an end-to-end router numbers its experts freely, so it
+    is scored by purity (each expert read as the super-class it sees most)."""
     from analysis.ablation import oracle_routing
     from analysis.collect import collect_routing
     from analysis.routing import router_superclass_accuracy
@@ -146,12 +153,13 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
     macs = count_macs(model, test_set.image_shape, routing=summary.to_records() if model.cfg.family == "vmoe" else None)
     row = {"test_accuracy": float(summary.accuracy), "macs_active": macs["active"], "macs_dense": macs["dense"],
            "params_active": macs["params_active"], "params_total": macs["params_total"],
-           "router_superclass_accuracy": None}
-    row["oracle_routing_accuracy"] = None
+           **dict.fromkeys(ROUTER_FIELDS)}
+    guided = model.cfg.superclasses is not None
     if model.cfg.family == "mvmoe" and superclasses is not None:
-        table = router_superclass_accuracy(summary, superclasses)
-        row["router_superclass_accuracy"] = float(table["accuracy"].iloc[0])
-    if model.cfg.family == "mvmoe" and model.cfg.superclasses is not None:
+        first = router_superclass_accuracy(summary, superclasses).iloc[0]
+        row["router_superclass_accuracy" if guided else "router_superclass_purity"] = \
+            float(first["accuracy" if guided else "purity"])
+    if model.cfg.family == "mvmoe" and guided:
         # what a perfect router would give: separates router mistakes from expert quality
         oracle = oracle_routing(model, test_set.images, test_set.labels, test_set.mean, test_set.std,
                                 batch_size=512, summary=summary)
@@ -167,9 +175,8 @@ def _card_evaluation(run_dir: Path, model, card: dict, test_set, row: dict) -> N
 
     if not model.cfg.is_moe:
         return
-    metrics = {**(card.get("metrics") or {}),
-               **{k: _round(row[k]) for k in ("router_superclass_accuracy", "oracle_routing_accuracy")
-                  if row[k] is not None}}
+    kept = {k: v for k, v in (card.get("metrics") or {}).items() if k not in ROUTER_FIELDS}   # this evaluation's own
+    metrics = {**kept, **{k: _round(row[k]) for k in ROUTER_FIELDS if row[k] is not None}}
     tables = card.get("routing_tables") or routing_tables(eval_stats(model, test_set, 512))
     _patch_card(run_dir, metrics=metrics, routing_tables=tables)
 
@@ -302,11 +309,10 @@ def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict,
         else ("per-token" if model["family"] == "vmoe" else ""),
         "test_accuracy": round(ev["test_accuracy"], 5), "macs_active": int(ev["macs_active"]),
         "params_active": ev["params_active"], "params_total": ev["params_total"],
-        "router_superclass_accuracy": _round(ev["router_superclass_accuracy"]),
-        "oracle_routing_accuracy": _round(ev.get("oracle_routing_accuracy")),
+        **{k: _round(ev.get(k)) for k in ROUTER_FIELDS},
         "train_wall_time_s": card.get("wall_time_s"), "epochs": cfg.epochs,
         "clustering": method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
-        "run_dir": str(out / name),
+        "run_dir": str((out / name).resolve()),   # the key a resumed run replaces its rows by
     }
 
 
@@ -329,6 +335,15 @@ def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, 
     atomic_write_bytes(out / "report.md", _markdown(report).encode("utf-8"))
     _say(cfg, f"done in {wall:.0f} s: " + ", ".join(f"{r['model']} {100 * r['test_accuracy']:.2f}%" for r in rows))
     return report
+
+
+def _router_cell(rows, fmt) -> str:
+    """The router column: accuracy vs the super-classes for a router trained on them, "purity …"
+    for an end-to-end one (whose expert numbers mean nothing by themselves)."""
+    one = rows if isinstance(rows, dict) else rows[0]
+    key = "router_superclass_purity" if one.get("router_superclass_purity") is not None else "router_superclass_accuracy"
+    text = fmt(one[key] if isinstance(rows, dict) else [r.get(key) for r in rows])
+    return f"purity {text}" if text and key == "router_superclass_purity" else text
 
 
 def _pct(v) -> str:
@@ -360,13 +375,16 @@ def _upsert_rows(path: Path, rows: list) -> None:
     """Add this run's rows to a results CSV, replacing the rows an earlier pass of the same run
     wrote (same run_dir), so resuming a pipeline N times leaves one row per model, not N. Rows of
     other runs sharing the CSV (--results) stay."""
-    ours = {r["run_dir"] for r in rows}
+    def same(run_dir) -> str:          # the same run whether --out was given relative or absolute
+        return str(Path(run_dir).resolve()) if run_dir else ""
+
+    ours = {same(r["run_dir"]) for r in rows}
     kept, fields = [], list(rows[0])
     if path.exists():
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields += [c for c in reader.fieldnames or () if c not in fields]
-            kept = [r for r in reader if r.get("run_dir") not in ours]
+            kept = [r for r in reader if same(r.get("run_dir")) not in ours]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields, restval="")
     writer.writeheader()
@@ -404,7 +422,7 @@ def _markdown(r: dict) -> str:
     for row in r["rows"]:
         lines.append(f"| {row['model']} | {row['preset']} | {100 * row['test_accuracy']:.2f}% | "
                      f"{row['macs_active'] / 1e6:.1f} M | {row['params_active'] / 1e6:.2f} M / "
-                     f"{row['params_total'] / 1e6:.2f} M | {_pct(row['router_superclass_accuracy'])} | "
+                     f"{row['params_total'] / 1e6:.2f} M | {_router_cell(row, _pct)} | "
                      f"{_pct(row.get('oracle_routing_accuracy'))} |")
     lines += ["", "Clustering methods on the same graph:", "",
               "| method | within share | balance | modularity | ARI | NMI |", "|---|---:|---:|---:|---:|---:|"]
@@ -474,7 +492,7 @@ def export(run_dir: Path, dest: Path, report: dict, seeds: Optional[dict] = None
     return written
 
 
-SEED_FIELDS = ("test_accuracy", "router_superclass_accuracy", "oracle_routing_accuracy")
+SEED_FIELDS = ("test_accuracy",) + ROUTER_FIELDS
 
 
 def _mean_std(values: list) -> tuple:
@@ -516,7 +534,7 @@ def grid_table(rows: list) -> str:
     for r in rows:
         cells.setdefault((r["size"], r["model"]), []).append(r)
     lines = ["| size | model | router | seeds | test acc (%) | Δ vs dense, paired (points) | per-seed Δ | "
-             "router acc (%) | perfect-router acc (%) | MACs/img | params active / total | "
+             "router acc vs super-classes (%) | perfect-router acc (%) | MACs/img | params active / total | "
              "train wall time (min) | super-classes vs reference: ARI / NMI |",
              "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (size, model), rs in cells.items():
@@ -528,7 +546,7 @@ def grid_table(rows: list) -> str:
             f"| {size} | {model if model not in ('dense', 'moe') else first['preset']} | "
             f"{first['router'] or 'dense'} | {len(rs)} | {_pm([r['test_accuracy'] for r in rs])} | "
             f"{_pm([r['delta_vs_dense'] for r in rs], sign=True) if model != 'dense' else ''} | {per_seed} | "
-            f"{_pm([r['router_superclass_accuracy'] for r in rs])} | "
+            f"{_router_cell(rs, _pm)} | "
             f"{_pm([r['oracle_routing_accuracy'] for r in rs])} | {first['macs_active'] / 1e6:.2f} M | "
             f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M | "
             f"{_pm([r.get('train_wall_time_s') for r in rs], scale=1 / 60, digits=0, count=False)} | "
@@ -572,7 +590,7 @@ def _write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
         for r in rows:
             if r["size"] == size:
                 by_model.setdefault(r["model"], []).append(r)
-        seeds = {m: [{"seed": r["seed"], **{k: r[k] for k in SEED_FIELDS}, "delta_vs_dense": r["delta_vs_dense"]}
+        seeds = {m: [{"seed": r["seed"], **{k: r.get(k) for k in SEED_FIELDS}, "delta_vs_dense": r["delta_vs_dense"]}
                      for r in sorted(rs, key=lambda r: r["seed"])] for m, rs in by_model.items()}
         # one seed is shipped per size: the dense model's median seed, and the MoEs of that seed
         # (paired with it: same data order); every seed's numbers are in the cards and the CSV

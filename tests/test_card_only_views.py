@@ -40,6 +40,8 @@ def tin_sample(tmp_path_factory):
             "overrides": {"superclasses": groups}}
     root = tmp_path_factory.mktemp("samples")
     save_tiny_checkpoint(root / "tin-mvmoe", "mvmoe-2x32-e10k1", ds, **card)
+    e2e = {**card, "overrides": {}, "metrics": {"test_accuracy": 0.1, "router_superclass_purity": 0.335}}
+    save_tiny_checkpoint(root / "tin-mvmoe-e2e", "mvmoe-2x32-e10k1", ds, **e2e)
     return root
 
 
@@ -66,3 +68,12 @@ def test_image_level_views_say_how_to_get_the_data(page_without_data, page):
     assert not at.exception
     text = " ".join(w.value for w in at.warning).replace("\\", "")   # (markdown escapes)
     assert "python -m workbench.data download tiny-imagenet" in text and "WORKBENCH_DATA" in text
+
+
+def test_an_end_to_end_router_is_shown_by_its_purity(monkeypatch, tmp_path, tin_sample, open_page):
+    """Its expert numbers are its own: 'accuracy against the super-classes' would mean nothing."""
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "no-data-here"))
+    at = open_page(tin_sample, "tin-mvmoe-e2e", "pages/routing.py")
+    assert not at.exception, [e.value for e in at.exception]
+    shown = {m.label: m.value for m in at.metric}
+    assert shown.get("Router purity vs super-classes") == "33.50%" and not any("accuracy vs" in k for k in shown)

@@ -202,3 +202,14 @@ def test_each_sample_grid_names_real_models_and_a_valid_recipe(dataset):
         for preset in [dense] + [e.partition(":")[0] for e in extras]:
             model_from_preset(preset, {})
     PipelineConfig(dataset=dataset, out="x", **recipe).validate()
+
+
+def test_the_grid_table_reads_large_reports_and_names_a_damaged_one(tmp_path, capsys):
+    grid = {"2x32": ("vit-2x32", 2, [])}
+    big = {"rows": [], "classes": [f"class {i:04d} " + "x" * 1200 for i in range(1000)]}   # > 1 MB
+    for seed, text in ((0, json.dumps(big)), (1, '{"rows": [')):
+        folder = pipeline.seed_dir(tmp_path, "2x32", seed)
+        folder.mkdir(parents=True)
+        (folder / "report.json").write_text(text)
+    assert list(pipeline.finished_reports(tmp_path, grid)) == [("2x32", 0)]
+    assert "seed-1" in capsys.readouterr().err

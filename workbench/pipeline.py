@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 from .checkpoint import read_card
 from .pipeline_config import RECIPE_FIELDS, PipelineConfig, default_num_groups, dense_shape, from_args  # noqa: F401
-from . import snapshots
+from . import safejson, snapshots
 from .runs import STATUS_FILE, RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
 
 
@@ -640,8 +640,15 @@ def finished_reports(base: Path, grid: dict) -> dict:
     reports = {}
     for size, (_, n_seeds, _) in grid.items():
         for seed in range(n_seeds):
-            report = read_json(seed_dir(base, size, seed) / "report.json")
-            if report:
+            path = seed_dir(base, size, seed) / "report.json"
+            if not path.exists():                  # not finished yet
+                continue
+            try:                                   # the card bound: a 1000-class report passes runs' 1 MB
+                report = safejson.read(path)
+            except (OSError, ValueError) as e:     # say so: a seed silently missing from the table misleads
+                print(f"[grid] {path} left out of the table: {e}", file=sys.stderr)
+                continue
+            if isinstance(report, dict):
                 reports[(size, seed)] = report
     return reports
 

@@ -41,6 +41,9 @@ TRAIN_STATE = "train_state.safetensors"
 CARD_KEYS = ("preset", "config", "dataset", "classes", "superclasses", "metrics", "macs", "params",
              "confusion", "history", "command", "wall_time_s", "version", "created")
 REQUIRED_CARD_KEYS = ("preset", "config", "dataset", "classes", "superclasses", "metrics", "macs", "params")
+# how a MoE routes, in a card's metrics and per seed: accuracy and perfect-router accuracy for a
+# router trained on the super-classes, purity for an end-to-end one (its expert numbers are its own)
+ROUTER_METRICS = ("router_superclass_accuracy", "router_superclass_purity", "oracle_routing_accuracy")
 
 PathLike = Union[str, os.PathLike]
 
@@ -198,7 +201,7 @@ def _check_seeds(seeds, path) -> None:
     for s in seeds:
         _check(isinstance(s.get("seed"), int) and not isinstance(s.get("seed"), bool), path,
                f"seeds: every entry needs an integer 'seed', got {s.get('seed')!r}")
-        for key in ("test_accuracy", "router_superclass_accuracy", "router_superclass_purity", "oracle_routing_accuracy"):
+        for key in ("test_accuracy",) + ROUTER_METRICS:
             v = s.get(key)
             _check(v is None or (_is_number(v) and 0 <= v <= 1), path,
                    f"seeds: {key} of seed {s['seed']} must be a fraction in [0, 1], got {v!r}")
@@ -470,4 +473,4 @@ def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "validate_card", "inspect_checkpoint",
            "check_weights_header", "list_checkpoints",
            "save_train_state", "load_train_state", "read_train_info", "atomic_write_bytes", "atomic_write_json", "sha256_file",
-           "CARD_KEYS", "WEIGHTS", "CARD", "TRAIN_STATE"]
+           "CARD_KEYS", "ROUTER_METRICS", "WEIGHTS", "CARD", "TRAIN_STATE"]

@@ -33,15 +33,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoint import read_card
+from .checkpoint import ROUTER_METRICS, read_card
 from .pipeline_config import RECIPE_FIELDS, PipelineConfig, default_num_groups, dense_shape, from_args  # noqa: F401
 from . import safejson, snapshots
 from .runs import STATUS_FILE, RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
-
-
-# how a MoE routes, per run and per seed: accuracy and perfect-router accuracy for routers trained
-# on the super-classes, purity for end-to-end ones (evaluate_checkpoint)
-ROUTER_FIELDS = ("router_superclass_accuracy", "router_superclass_purity", "oracle_routing_accuracy")
 
 
 def clustering_methods() -> list[str]:
@@ -93,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e]",
                    help="also train this preset with the same recipe (e.g. vmoe-6x96-e8k2, or "
                         "mvmoe-6x96-e4k1:e2e for an end-to-end router without super-classes)")
-    p.add_argument("--results", default=None, metavar="CSV", help="results CSV to add this run's rows to, replacing its earlier ones (default OUT/results.csv)")
+    p.add_argument("--results", default=None, metavar="CSV",
+                   help="results CSV for this run's rows; a rerun replaces its own (default OUT/results.csv)")
     p.add_argument("--grid", choices=("samples",), default=None, help="run the sample-checkpoint grid into OUT/<size>/")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="copy every finished checkpoint (weights + card) and the run's reports into DIR, "
@@ -153,7 +149,7 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
     macs = count_macs(model, test_set.image_shape, routing=summary.to_records() if model.cfg.family == "vmoe" else None)
     row = {"test_accuracy": float(summary.accuracy), "macs_active": macs["active"], "macs_dense": macs["dense"],
            "params_active": macs["params_active"], "params_total": macs["params_total"],
-           **dict.fromkeys(ROUTER_FIELDS)}
+           **dict.fromkeys(ROUTER_METRICS)}
     guided = model.cfg.superclasses is not None
     if model.cfg.family == "mvmoe" and superclasses is not None:
         first = router_superclass_accuracy(summary, superclasses).iloc[0]
@@ -175,8 +171,8 @@ def _card_evaluation(run_dir: Path, model, card: dict, test_set, row: dict) -> N
 
     if not model.cfg.is_moe:
         return
-    kept = {k: v for k, v in (card.get("metrics") or {}).items() if k not in ROUTER_FIELDS}   # this evaluation's own
-    metrics = {**kept, **{k: _round(row[k]) for k in ROUTER_FIELDS if row[k] is not None}}
+    kept = {k: v for k, v in (card.get("metrics") or {}).items() if k not in ROUTER_METRICS}   # replaced below
+    metrics = {**kept, **{k: _round(row[k]) for k in ROUTER_METRICS if row[k] is not None}}
     tables = card.get("routing_tables") or routing_tables(eval_stats(model, test_set, 512))
     _patch_card(run_dir, metrics=metrics, routing_tables=tables)
 
@@ -309,7 +305,7 @@ def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict,
         else ("per-token" if model["family"] == "vmoe" else ""),
         "test_accuracy": round(ev["test_accuracy"], 5), "macs_active": int(ev["macs_active"]),
         "params_active": ev["params_active"], "params_total": ev["params_total"],
-        **{k: _round(ev.get(k)) for k in ROUTER_FIELDS},
+        **{k: _round(ev.get(k)) for k in ROUTER_METRICS},
         "train_wall_time_s": card.get("wall_time_s"), "epochs": cfg.epochs,
         "clustering": method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
         "run_dir": str((out / name).resolve()),   # the key a resumed run replaces its rows by
@@ -492,7 +488,7 @@ def export(run_dir: Path, dest: Path, report: dict, seeds: Optional[dict] = None
     return written
 
 
-SEED_FIELDS = ("test_accuracy",) + ROUTER_FIELDS
+SEED_FIELDS = ("test_accuracy",) + ROUTER_METRICS
 
 
 def _mean_std(values: list) -> tuple:

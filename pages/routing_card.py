@@ -11,6 +11,7 @@ from analysis.card_routing import (card_expert_load, card_load_balance, card_rou
                                    group_expert_table)
 from pages import figures as F
 from pages.common import linked_selectbox, md
+from workbench.checkpoint import router_score
 
 
 def show(card: dict) -> None:
@@ -25,9 +26,10 @@ def show(card: dict) -> None:
             + ". Inference-time routing, capacity, expert ablation, patch maps and embeddings need the images.")
     metrics = card.get("metrics") or {}
     m = st.columns(3)
-    router = ("router_superclass_purity", "Router purity vs super-classes") if "router_superclass_purity" in metrics \
-        else ("router_superclass_accuracy", "Router accuracy vs super-classes")
-    for col, (key, label) in zip(m, [("test_accuracy", "Test accuracy (card)"), router,
+    router = router_score(metrics)
+    router_label = "Router purity vs super-classes" if router == "router_superclass_purity" \
+        else "Router accuracy vs super-classes"
+    for col, (key, label) in zip(m, [("test_accuracy", "Test accuracy (card)"), (router, router_label),
                                      ("oracle_routing_accuracy", "Accuracy with a perfect router")]):
         if isinstance(metrics.get(key), (int, float)):
             col.metric(label, f"{metrics[key]:.2%}")

@@ -45,6 +45,13 @@ REQUIRED_CARD_KEYS = ("preset", "config", "dataset", "classes", "superclasses", 
 # router trained on the super-classes, purity for an end-to-end one (its expert numbers are its own)
 ROUTER_METRICS = ("router_superclass_accuracy", "router_superclass_purity", "oracle_routing_accuracy")
 
+
+def router_score(metrics: dict) -> str:
+    """The key of the router's score in `metrics` (a card's, a seed's or a results row):
+    purity for an end-to-end router, else accuracy against the super-classes."""
+    return "router_superclass_purity" if metrics.get("router_superclass_purity") is not None \
+        else "router_superclass_accuracy"
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -473,4 +480,4 @@ def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "validate_card", "inspect_checkpoint",
            "check_weights_header", "list_checkpoints",
            "save_train_state", "load_train_state", "read_train_info", "atomic_write_bytes", "atomic_write_json", "sha256_file",
-           "CARD_KEYS", "ROUTER_METRICS", "WEIGHTS", "CARD", "TRAIN_STATE"]
+           "CARD_KEYS", "ROUTER_METRICS", "router_score", "WEIGHTS", "CARD", "TRAIN_STATE"]

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoint import ROUTER_METRICS, read_card
+from .checkpoint import ROUTER_METRICS, read_card, router_score
 from .pipeline_config import RECIPE_FIELDS, PipelineConfig, default_num_groups, dense_shape, from_args  # noqa: F401
 from . import safejson, snapshots
 from .runs import STATUS_FILE, RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
@@ -333,13 +333,11 @@ def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, 
     return report
 
 
-def _router_cell(rows, fmt) -> str:
-    """The router column: accuracy vs the super-classes for a router trained on them, "purity …"
-    for an end-to-end one (whose expert numbers mean nothing by themselves)."""
-    one = rows if isinstance(rows, dict) else rows[0]
-    key = "router_superclass_purity" if one.get("router_superclass_purity") is not None else "router_superclass_accuracy"
-    text = fmt(one[key] if isinstance(rows, dict) else [r.get(key) for r in rows])
-    return f"purity {text}" if text and key == "router_superclass_purity" else text
+def _router_column(row: dict) -> tuple:
+    """(key, prefix) of the router column: accuracy vs the super-classes for a router trained on
+    them, "purity …" for an end-to-end one (whose expert numbers mean nothing by themselves)."""
+    key = router_score(row)
+    return key, "purity " if key == "router_superclass_purity" else ""
 
 
 def _pct(v) -> str:
@@ -381,10 +379,15 @@ def _upsert_rows(path: Path, rows: list) -> None:
             reader = csv.DictReader(f)
             fields += [c for c in reader.fieldnames or () if c not in fields]
             kept = [r for r in reader if same(r.get("run_dir")) not in ours]
+    _write_csv(path, kept + rows, fields)
+
+
+def _write_csv(path: Path, rows: list, fields: list) -> None:
+    """The results CSVs, written whole and atomically (missing cells empty)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields, restval="")
     writer.writeheader()
-    writer.writerows(kept + rows)
+    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, text.getvalue().encode("utf-8"))
 
@@ -416,9 +419,10 @@ def _markdown(r: dict) -> str:
     lines += ["", "| model | preset | test accuracy | MACs/img | active / total params | router acc. vs super-class "
               "| accuracy with a perfect router |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
+        router, prefix = _router_column(row)
         lines.append(f"| {row['model']} | {row['preset']} | {100 * row['test_accuracy']:.2f}% | "
                      f"{row['macs_active'] / 1e6:.1f} M | {row['params_active'] / 1e6:.2f} M / "
-                     f"{row['params_total'] / 1e6:.2f} M | {_router_cell(row, _pct)} | "
+                     f"{row['params_total'] / 1e6:.2f} M | {prefix}{_pct(row[router])} | "
                      f"{_pct(row.get('oracle_routing_accuracy'))} |")
     lines += ["", "Clustering methods on the same graph:", "",
               "| method | within share | balance | modularity | ARI | NMI |", "|---|---:|---:|---:|---:|---:|"]
@@ -536,13 +540,14 @@ def grid_table(rows: list) -> str:
     for (size, model), rs in cells.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         first = rs[0]
+        router, prefix = _router_column(first)
         per_seed = ", ".join(f"s{r['seed']}: {100 * r['delta_vs_dense']:+.2f}" for r in rs
                              if r["delta_vs_dense"] is not None)
         lines.append(
             f"| {size} | {model if model not in ('dense', 'moe') else first['preset']} | "
             f"{first['router'] or 'dense'} | {len(rs)} | {_pm([r['test_accuracy'] for r in rs])} | "
             f"{_pm([r['delta_vs_dense'] for r in rs], sign=True) if model != 'dense' else ''} | {per_seed} | "
-            f"{_router_cell(rs, _pm)} | "
+            f"{prefix}{_pm([r.get(router) for r in rs])} | "
             f"{_pm([r['oracle_routing_accuracy'] for r in rs])} | {first['macs_active'] / 1e6:.2f} M | "
             f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M | "
             f"{_pm([r.get('train_wall_time_s') for r in rs], scale=1 / 60, digits=0, count=False)} | "
@@ -571,12 +576,7 @@ def _write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
     if not rows:
         return
     results = Path(cfg.results or base / "grid-results.csv")
-    results.parent.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(results, text.getvalue().encode("utf-8"))
+    _write_csv(results, rows, list(rows[0]))
     atomic_write_bytes(base / "grid.md", grid_table(rows).encode("utf-8"))
     if not cfg.export:
         return

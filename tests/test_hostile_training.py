@@ -209,7 +209,10 @@ def test_a_damaged_train_state_is_caught_by_its_checksum(tmp_path):
 
 # ----------------------------------------------------------------------------- the job limit counts live trainers
 def test_killing_a_jobs_supervisor_does_not_free_its_slot(runs):
-    code = "import os, sys, time; open(os.path.join(sys.argv[1], 'trainer.pid'), 'w').write(str(os.getpid())); " \
+    # written to a temporary name and renamed, so the file never exists empty (CI once read it between
+    # open() and write())
+    code = "import os, sys, time; tmp = os.path.join(sys.argv[1], 'trainer.pid.tmp'); " \
+           "open(tmp, 'w').write(str(os.getpid())); os.replace(tmp, os.path.join(sys.argv[1], 'trainer.pid')); " \
            "time.sleep(60)"
     first = jobs.start_command([PY, "-c", code, "{run_dir}"], "first", root=runs)
     deadline = time.time() + 10

@@ -1,6 +1,7 @@
 """The paper's procedure end to end on the synthetic dataset (designed super-classes)."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -92,12 +93,16 @@ def test_default_group_count_follows_class_count():
 
 
 # ---------------------------------------------------------------- the seed grid
+MINI_GRID = {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e", "mvmoe-2x32-e4k1:lambda=0.1"])}
+
+
 @pytest.fixture(scope="module")
 def grid_dir(tmp_path_factory):
-    """A two-seed grid in miniature: one size, dense + super-class MoE, and an end-to-end extra."""
+    """A two-seed grid in miniature: one size, dense + super-class MoE, an end-to-end extra and
+    a super-class MoE with its own lambda."""
     base = tmp_path_factory.mktemp("grid")
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "SAMPLE_GRID", {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e"])})
+    mp.setattr(pipeline, "SAMPLE_GRID", MINI_GRID)
     args = ["--grid", "samples", "--dataset", "synthetic", "--out", str(base / "runs"), "--epochs", "1",
             "--holdout", "0.9", "--batch-size", "512", "--method", "spectral", "--precision", "fp32",
             "--export", str(base / "shipped"), "--quiet"]
@@ -112,7 +117,7 @@ def test_grid_reports_every_seed_and_the_spread(grid_dir):
     base, _ = grid_dir
     rows = list(csv.DictReader(open(base / "runs" / "grid-results.csv")))
     assert sorted((r["seed"], r["model"]) for r in rows) == sorted(
-        (s, m) for s in "01" for m in ("dense", "moe", "mvmoe-2x32-e4k1-e2e"))
+        (s, m) for s in "01" for m in ("dense", "moe", "mvmoe-2x32-e4k1-e2e", "mvmoe-2x32-e4k1-lambda0.1"))
     for r in rows:   # the paired difference is against the dense model of the same seed
         dense = next(d for d in rows if d["seed"] == r["seed"] and d["model"] == "dense")
         if r["model"] != "dense":
@@ -129,6 +134,14 @@ def test_grid_reports_every_seed_and_the_spread(grid_dir):
     assert "| purity " in e2e_row
     card = read_card(base / "runs" / "2x32" / "seed-0" / "mvmoe-2x32-e4k1-e2e")
     assert "router_superclass_accuracy" not in card["metrics"] and "router_superclass_purity" in card["metrics"]
+    # a dose of the super-class loss is its own cell: guided (scored by accuracy), trained with its lambda
+    dose = [r for r in rows if r["model"] == "mvmoe-2x32-e4k1-lambda0.1"]
+    assert all(r["router"] == "superclass, λ = 0.1" and float(r["router_superclass_accuracy"]) > 0 for r in dose)
+    assert {r["router"] for r in moe} == {"superclass"}
+    dose_card = read_card(base / "runs" / "2x32" / "seed-0" / "mvmoe-2x32-e4k1-lambda0.1")
+    assert dose_card["config"]["superclass_loss_weight"] == 0.1 and dose_card["config"]["superclasses"]
+    assert read_card(base / "runs" / "2x32" / "seed-0" / "moe")["config"]["superclass_loss_weight"] == 0.3
+    assert "| mvmoe-2x32-e4k1-lambda0.1 | superclass, λ = 0.1 | 2 |" in table
     # synthetic has designed groups: the dense row says how well each seed's super-classes recover them
     dense_row = next(line for line in table.splitlines() if "| vit-2x32 |" in line).strip("|").split("|")
     ari, nmi = (float(v.split("±")[0]) for v in dense_row[-1].split("/"))
@@ -154,13 +167,14 @@ def test_grid_ships_the_median_seed_with_every_seeds_numbers(grid_dir):
     assert gains["n"].tolist() == [2]
     assert gains["gain"].iloc[0] == pytest.approx(sum(s["delta_vs_dense"] for s in card["seeds"]) / 2)
     assert (shipped / "synthetic-grid-results.csv").exists() and (shipped / "synthetic-grid.md").exists()
+    assert read_card(shipped / "synthetic-mvmoe-2x32-e4k1-lambda0.1")["config"]["superclass_loss_weight"] == 0.1
 
 
 def test_a_resumed_grid_trains_nothing_again(grid_dir, monkeypatch):
     base, args = grid_dir
     weights = base / "runs" / "2x32" / "seed-1" / "moe" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    monkeypatch.setattr(pipeline, "SAMPLE_GRID", {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e"])})
+    monkeypatch.setattr(pipeline, "SAMPLE_GRID", MINI_GRID)
     assert pipeline.main(args) == 0
     assert weights.stat().st_mtime_ns == before
 
@@ -178,7 +192,7 @@ def test_a_worker_that_finds_a_seed_busy_still_tables_that_seeds_finished_runs(g
             raise RunBusy("another worker trains it")
         return real_run(cfg)
 
-    monkeypatch.setattr(pipeline, "SAMPLE_GRID", {"2x32": ("vit-2x32", 2, ["mvmoe-2x32-e4k1:e2e"])})
+    monkeypatch.setattr(pipeline, "SAMPLE_GRID", MINI_GRID)
     monkeypatch.setattr(pipeline, "run", run_unless_seed_1)
     (base / "runs" / "grid.md").unlink()
     assert pipeline.main(args) == 0
@@ -193,15 +207,36 @@ def test_median_seed_is_the_lower_middle():
 
 @pytest.mark.parametrize("dataset", ["fashion-mnist", "tiny-imagenet"])
 def test_each_sample_grid_names_real_models_and_a_valid_recipe(dataset):
-    from workbench.pipeline_config import PipelineConfig
+    from workbench.pipeline_config import PipelineConfig, parse_extra
     from workbench.train_config import model_from_preset
 
     grid, recipe = pipeline.sample_grid(dataset)
     for dense, n_seeds, extras in grid.values():
         assert n_seeds >= 2                                   # a single seed is never a headline
-        for preset in [dense] + [e.partition(":")[0] for e in extras]:
-            model_from_preset(preset, {})
+        model_from_preset(dense, {})
+        for spec in extras:
+            parse_extra(spec)                                 # the preset and its mode
     PipelineConfig(dataset=dataset, out="x", **recipe).validate()
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("mvmoe-6x64-e4k1:lambda=0", "end-to-end router: mvmoe-6x64-e4k1:e2e"),
+    ("mvmoe-6x64-e4k1:lambda=-1", "finite number > 0"),
+    ("mvmoe-6x64-e4k1:lambda=nan", "finite number > 0"),
+    ("mvmoe-6x64-e4k1:lambda=much", "must be a number"),
+    ("vmoe-6x64-e8k2:lambda=0.1", "per-image MoE"),
+    ("mvmoe-6x64-e4k1:fast", "the modes are"),
+    ("mvmoe-6x64-e4k9", "top_k"),
+    ("moe-6x64", "unknown preset"),
+])
+def test_a_bad_extra_fails_before_anything_trains(spec, error, tmp_path):
+    from workbench.pipeline_config import PipelineConfig
+
+    with pytest.raises(ValueError, match=re.escape(error)):
+        PipelineConfig(dataset="synthetic", out=str(tmp_path / "run"), extra=[spec]).validate()
+    assert not (tmp_path / "run").exists()
+    assert pipeline.main(["--dataset", "synthetic", "--out", str(tmp_path / "run"), "--extra", spec, "--quiet"]) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_grid_table_reads_large_reports_and_names_a_damaged_one(tmp_path, capsys):

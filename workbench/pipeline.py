@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .checkpoint import ROUTER_METRICS, read_card, router_score
-from .pipeline_config import RECIPE_FIELDS, PipelineConfig, default_num_groups, dense_shape, from_args  # noqa: F401
+from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, default_num_groups, dense_shape,  # noqa: F401
+                              from_args, parse_extra)
 from . import safejson, snapshots
 from .runs import STATUS_FILE, RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
 
@@ -85,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads for training (default: all cores); two pipelines side by side on a "
                         "small CPU each take half")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e]",
-                   help="also train this preset with the same recipe (e.g. vmoe-6x96-e8k2, or "
-                        "mvmoe-6x96-e4k1:e2e for an end-to-end router without super-classes)")
+    p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e|:lambda=X]",
+                   help="also train this preset with the same recipe (e.g. vmoe-6x96-e8k2; "
+                        "mvmoe-6x96-e4k1:e2e for an end-to-end router without super-classes; "
+                        "mvmoe-6x96-e4k1:lambda=0.1 for a super-class router with its own lambda)")
     p.add_argument("--results", default=None, metavar="CSV",
                    help="results CSV for this run's rows; a rerun replaces its own (default OUT/results.csv)")
     p.add_argument("--grid", choices=("samples",), default=None, help="run the sample-checkpoint grid into OUT/<size>/")
@@ -103,8 +105,10 @@ def _say(cfg: PipelineConfig, msg: str) -> None:
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
-def _train_stage(cfg: PipelineConfig, run_dir: Path, preset: str, superclasses: Optional[Path] = None) -> dict:
-    """Train one model into run_dir, resuming an unfinished run; skip a finished one."""
+def _train_stage(cfg: PipelineConfig, run_dir: Path, preset: str, superclasses: Optional[Path] = None,
+                 superclass_loss_weight: Optional[float] = None) -> dict:
+    """Train one model into run_dir, resuming an unfinished run; skip a finished one. A guided model's
+    lambda is its own (`--extra PRESET:lambda=X`), else the run's --superclass-loss-weight."""
     from .checkpoint import TRAIN_STATE
     from .train import train
     from .train_config import TrainConfig, model_from_preset
@@ -112,8 +116,8 @@ def _train_stage(cfg: PipelineConfig, run_dir: Path, preset: str, superclasses: 
     if (read_json(run_dir / STATUS_FILE) or {}).get("state") == "finished":
         _say(cfg, f"{run_dir.name}: finished earlier, skipped")
         return read_card(run_dir)
-    overrides = {} if superclasses is None or cfg.superclass_loss_weight is None else \
-        {"superclass_loss_weight": cfg.superclass_loss_weight}
+    weight = superclass_loss_weight if superclass_loss_weight is not None else cfg.superclass_loss_weight
+    overrides = {} if superclasses is None or weight is None else {"superclass_loss_weight": weight}
     resume = (run_dir / TRAIN_STATE).exists()
     recipe = {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k) is not None}
     stage = TrainConfig(model=model_from_preset(preset, overrides), dataset=cfg.dataset, data_root=cfg.data_root,
@@ -198,8 +202,9 @@ def run(cfg: PipelineConfig) -> dict:
     assignment, names, clustering = discover_superclasses(cfg, out, train_set, confusion, E)   # 3.
     runs = _models_to_train(cfg, dense, moe)
     sc_card = {"assignment": assignment, "names": names, "method": clustering["method"]}
-    for name, (preset, guided) in runs.items():                         # 4. MoE (+ extras)
-        _train_stage(cfg, out / name, preset, out / "superclasses.json" if guided else None)
+    for name, m in runs.items():                                       # 4. MoE (+ extras)
+        _train_stage(cfg, out / name, m.preset, out / "superclasses.json" if m.guided else None,
+                     m.superclass_loss_weight)
         _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
                                            "holdout": cfg.holdout},
                     **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
@@ -285,13 +290,11 @@ def router_probe(cfg: PipelineConfig, out: Path, train_set) -> dict:
 
 
 def _models_to_train(cfg, dense: str, moe: str) -> dict:
-    """name -> (preset, guided by the super-classes?): dense, moe and the --extra models."""
-    runs = {"dense": (dense, False), "moe": (moe, True)}
+    """name -> ModelRun: dense, moe and the --extra models."""
+    runs = {"dense": ModelRun("dense", dense, False), "moe": ModelRun("moe", moe, True)}
     for spec in cfg.extra:
-        preset, _, mode = spec.partition(":")
-        if mode not in ("", "e2e"):
-            raise ValueError(f"--extra {spec!r}: the only mode is ':e2e'")
-        runs[preset + ("-e2e" if mode else "")] = (preset, preset.startswith("mvmoe") and not mode)
+        m = parse_extra(spec)
+        runs[m.name] = m
     return runs
 
 
@@ -301,8 +304,7 @@ def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict,
     return {
         "dataset": cfg.dataset, "model": name, "preset": preset, "family": model["family"],
         "E": model["num_experts"] or "", "k": model["top_k"] if model["num_experts"] else "",
-        "router": ("superclass" if model.get("superclasses") else "end-to-end") if model["family"] == "mvmoe"
-        else ("per-token" if model["family"] == "vmoe" else ""),
+        "router": _router_kind(model),
         "test_accuracy": round(ev["test_accuracy"], 5), "macs_active": int(ev["macs_active"]),
         "params_active": ev["params_active"], "params_total": ev["params_total"],
         **{k: _round(ev.get(k)) for k in ROUTER_METRICS},
@@ -312,12 +314,27 @@ def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict,
     }
 
 
+def _router_kind(model: dict) -> str:
+    """How a model routes, as the tables say it: '' (dense), 'per-token', 'end-to-end', or 'superclass'
+    (with its lambda where that is not ModelConfig's default, so a dose of the loss is its own cell)."""
+    from .models.config import ModelConfig
+
+    if model["family"] == "vmoe":
+        return "per-token"
+    if model["family"] != "mvmoe":
+        return ""
+    if not model.get("superclasses"):
+        return "end-to-end"
+    weight = model.get("superclass_loss_weight", ModelConfig.superclass_loss_weight)
+    return "superclass" if weight == ModelConfig.superclass_loss_weight else f"superclass, λ = {weight:g}"
+
+
 def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, clustering: dict,
                  classes: list, E: int, superclasses: dict, t0: float) -> dict:
     """results.csv rows, report.json and report.md."""
     quality = clustering["quality"]
-    rows = [_result_row(cfg, out, name, preset, evaluation[name], quality, clustering["method"])
-            for name, (preset, _) in runs.items()]
+    rows = [_result_row(cfg, out, name, m.preset, evaluation[name], quality, clustering["method"])
+            for name, m in runs.items()]
     _upsert_rows(Path(cfg.results) if cfg.results else out / "results.csv", rows)
     wall = round(time.time() - t0, 1)
     report = {
@@ -436,7 +453,9 @@ def _markdown(r: dict) -> str:
 
 SAMPLE_GRID = {
     # size: (dense preset, seeds, extra models at this size)
-    "6x64": ("vit-6x64", 3, ["vmoe-6x64-e8k2", "mvmoe-6x64-e4k1:e2e"]),
+    # at 6x64 the paper's routing strategies, and a smaller dose of the super-class loss (λ 0.1 beside
+    # the default 0.3 and the end-to-end router's 0): does the loss cost the shared blocks accuracy?
+    "6x64": ("vit-6x64", 3, ["vmoe-6x64-e8k2", "mvmoe-6x64-e4k1:e2e", "mvmoe-6x64-e4k1:lambda=0.1"]),
     "6x96": ("vit-6x96", 2, []),
     "9x64": ("vit-9x64", 2, []),
 }

@@ -41,6 +41,50 @@ def clustering_methods() -> list[str]:
     return methods()
 
 
+@dataclass(frozen=True)
+class ModelRun:
+    """One model a pipeline trains: its folder under OUT, its preset, whether the super-classes guide
+    its router, and its own lambda (None: the run's --superclass-loss-weight, else ModelConfig's)."""
+
+    name: str
+    preset: str
+    guided: bool
+    superclass_loss_weight: Optional[float] = None
+
+
+def parse_extra(spec: str) -> ModelRun:
+    """`--extra PRESET[:e2e | :lambda=X]` -> the ModelRun it names.
+
+    PRESET alone: trained like the main MoE (a per-image preset is guided by the super-classes);
+    `:e2e`: a per-image router with no super-class loss, folder PRESET-e2e; `:lambda=X`: guided
+    with lambda = X, folder PRESET-lambdaX, a dose of the super-class loss between the two
+    (lambda = 0 *is* the end-to-end router, so it is asked for as `:e2e`)."""
+    if not isinstance(spec, str):
+        raise ValueError("--extra must be a list of presets")
+    preset, _, mode = spec.partition(":")
+    per_image = preset.startswith("mvmoe")
+    if mode == "":
+        run = ModelRun(preset, preset, per_image)
+    elif mode == "e2e":
+        run = ModelRun(preset + "-e2e", preset, False)
+    elif mode.startswith("lambda="):
+        if not per_image:
+            raise ValueError(f"--extra {spec!r}: lambda weighs the super-class loss of a per-image MoE (mvmoe-...)")
+        try:
+            weight = float(mode[len("lambda="):])
+        except ValueError:
+            raise ValueError(f"--extra {spec!r}: lambda must be a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"--extra {spec!r}: lambda must be a finite number > 0 "
+                             f"(lambda = 0 is the end-to-end router: {preset}:e2e)")
+        run = ModelRun(f"{preset}-lambda{weight:g}", preset, True, weight)
+    else:
+        raise ValueError(f"--extra {spec!r}: the modes are ':e2e' and ':lambda=X'")
+    model_from_preset(run.preset, {} if run.superclass_loss_weight is None else
+                      {"superclass_loss_weight": run.superclass_loss_weight})   # an unknown preset fails now
+    return run
+
+
 @dataclass
 class PipelineConfig:
     """Every choice of one pipeline run. Field `x_y` is the CLI flag `--x-y`; None means the dataset's default."""
@@ -63,7 +107,7 @@ class PipelineConfig:
     precision: str = "auto"                 # auto | fp32 | bf16
     threads: Optional[int] = None           # torch CPU threads for training (None: all cores)
     seed: int = 0
-    extra: list = field(default_factory=list)   # further presets trained with the same recipe, PRESET[:e2e]
+    extra: list = field(default_factory=list)   # further presets trained with the same recipe, PRESET[:e2e|:lambda=X]
     out: Optional[str] = None               # the run directory (stages already there are skipped)
     results: Optional[str] = None           # results CSV this run's rows go to (None: OUT/results.csv)
     grid: Optional[str] = None              # "samples": the sample-checkpoint grid into OUT/<size>/
@@ -94,8 +138,10 @@ class PipelineConfig:
         for name in ("data_root", *OUTPUT_FIELDS):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"--{name.replace('_', '-')} must be a path")
-        if not isinstance(self.extra, list) or not all(isinstance(e, str) for e in self.extra):
+        if not isinstance(self.extra, list):
             raise ValueError("--extra must be a list of presets")
+        for spec in self.extra:
+            parse_extra(spec)
         methods = clustering_methods()
         if self.method not in methods:
             raise ValueError(f"--method must be one of {methods}, got {self.method!r}")

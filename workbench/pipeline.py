@@ -455,7 +455,8 @@ SAMPLE_GRID = {
     # size: (dense preset, seeds, extra models at this size)
     # at 6x64 the paper's routing strategies, and a smaller dose of the super-class loss (λ 0.1 beside
     # the default 0.3 and the end-to-end router's 0): does the loss cost the shared blocks accuracy?
-    "6x64": ("vit-6x64", 3, ["vmoe-6x64-e8k2", "mvmoe-6x64-e4k1:e2e", "mvmoe-6x64-e4k1:lambda=0.1"]),
+    # (in this order: the λ series first, the slower per-token model last)
+    "6x64": ("vit-6x64", 3, ["mvmoe-6x64-e4k1:e2e", "mvmoe-6x64-e4k1:lambda=0.1", "vmoe-6x64-e8k2"]),
     "6x96": ("vit-6x96", 2, []),
     "9x64": ("vit-9x64", 2, []),
 }

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import pipeline
+from workbench import grid, pipeline
 from workbench.checkpoint import read_card
 
 
@@ -102,7 +102,7 @@ def grid_dir(tmp_path_factory):
     a super-class MoE with its own lambda."""
     base = tmp_path_factory.mktemp("grid")
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "SAMPLE_GRID", MINI_GRID)
+    mp.setattr(grid, "SAMPLE_GRID", MINI_GRID)
     args = ["--grid", "samples", "--dataset", "synthetic", "--out", str(base / "runs"), "--epochs", "1",
             "--holdout", "0.9", "--batch-size", "512", "--method", "spectral", "--precision", "fp32",
             "--export", str(base / "shipped"), "--quiet"]
@@ -159,7 +159,7 @@ def test_grid_ships_the_median_seed_with_every_seeds_numbers(grid_dir):
     _, card = load_checkpoint(moe)                                   # the card validates
     assert [s["seed"] for s in card["seeds"]] == [0, 1]
     dense_seeds = read_card(shipped / "synthetic-vit-2x32")["seeds"]
-    chosen = pipeline.median_seed([{"seed": s["seed"], "test_accuracy": s["test_accuracy"]} for s in dense_seeds])
+    chosen = grid.median_seed([{"seed": s["seed"], "test_accuracy": s["test_accuracy"]} for s in dense_seeds])
     assert card["training"]["seed"] == chosen == read_card(shipped / "synthetic-vit-2x32")["training"]["seed"]
     table = checkpoint_table([shipped / "synthetic-vit-2x32", moe])
     assert list(table["n_seeds"]) == [2, 2] and table["accuracy_std"].notna().all()
@@ -174,7 +174,7 @@ def test_a_resumed_grid_trains_nothing_again(grid_dir, monkeypatch):
     base, args = grid_dir
     weights = base / "runs" / "2x32" / "seed-1" / "moe" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    monkeypatch.setattr(pipeline, "SAMPLE_GRID", MINI_GRID)
+    monkeypatch.setattr(grid, "SAMPLE_GRID", MINI_GRID)
     assert pipeline.main(args) == 0
     assert weights.stat().st_mtime_ns == before
 
@@ -192,7 +192,7 @@ def test_a_worker_that_finds_a_seed_busy_still_tables_that_seeds_finished_runs(g
             raise RunBusy("another worker trains it")
         return real_run(cfg)
 
-    monkeypatch.setattr(pipeline, "SAMPLE_GRID", MINI_GRID)
+    monkeypatch.setattr(grid, "SAMPLE_GRID", MINI_GRID)
     monkeypatch.setattr(pipeline, "run", run_unless_seed_1)
     (base / "runs" / "grid.md").unlink()
     assert pipeline.main(args) == 0
@@ -200,9 +200,20 @@ def test_a_worker_that_finds_a_seed_busy_still_tables_that_seeds_finished_runs(g
     assert [s["seed"] for s in read_card(base / "shipped" / "synthetic-vit-2x32")["seeds"]] == [0, 1]
 
 
+def test_the_tables_alone_are_rewritten_from_the_finished_reports(grid_dir, monkeypatch, tmp_path, capsys):
+    base, _ = grid_dir
+    table = (base / "runs" / "grid.md").read_bytes()
+    monkeypatch.setattr(grid, "SAMPLE_GRID", MINI_GRID)
+    (base / "runs" / "grid.md").unlink()
+    assert grid.main(["--dataset", "synthetic", "--out", str(base / "runs")]) == 0
+    assert (base / "runs" / "grid.md").read_bytes() == table           # the same table, nothing trained
+    assert grid.main(["--dataset", "synthetic", "--out", str(tmp_path)]) == 2    # an empty folder
+    assert "no finished pipeline" in capsys.readouterr().err
+
+
 def test_median_seed_is_the_lower_middle():
     rows = [{"seed": s, "test_accuracy": a} for s, a in ((0, 0.90), (1, 0.80), (2, 0.85), (3, 0.95))]
-    assert pipeline.median_seed(rows[:3]) == 2 and pipeline.median_seed(rows) == 2
+    assert grid.median_seed(rows[:3]) == 2 and grid.median_seed(rows) == 2
 
 
 @pytest.mark.parametrize("dataset", ["fashion-mnist", "tiny-imagenet"])
@@ -210,8 +221,8 @@ def test_each_sample_grid_names_real_models_and_a_valid_recipe(dataset):
     from workbench.pipeline_config import PipelineConfig, parse_extra
     from workbench.train_config import model_from_preset
 
-    grid, recipe = pipeline.sample_grid(dataset)
-    for dense, n_seeds, extras in grid.values():
+    cells, recipe = grid.sample_grid(dataset)
+    for dense, n_seeds, extras in cells.values():
         assert n_seeds >= 2                                   # a single seed is never a headline
         model_from_preset(dense, {})
         for spec in extras:
@@ -240,11 +251,11 @@ def test_a_bad_extra_fails_before_anything_trains(spec, error, tmp_path):
 
 
 def test_the_grid_table_reads_large_reports_and_names_a_damaged_one(tmp_path, capsys):
-    grid = {"2x32": ("vit-2x32", 2, [])}
+    cells = {"2x32": ("vit-2x32", 2, [])}
     big = {"rows": [], "classes": [f"class {i:04d} " + "x" * 1200 for i in range(1000)]}   # > 1 MB
     for seed, text in ((0, json.dumps(big)), (1, '{"rows": [')):
-        folder = pipeline.seed_dir(tmp_path, "2x32", seed)
+        folder = grid.seed_dir(tmp_path, "2x32", seed)
         folder.mkdir(parents=True)
         (folder / "report.json").write_text(text)
-    assert list(pipeline.finished_reports(tmp_path, grid)) == [("2x32", 0)]
+    assert list(grid.finished_reports(tmp_path, cells)) == [("2x32", 0)]
     assert "seed-1" in capsys.readouterr().err

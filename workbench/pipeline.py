@@ -17,27 +17,25 @@
 Each stage writes its artefact in the run directory and is skipped when the
 artefact exists, so a killed pipeline resumes where it stopped (an unfinished
 training stage resumes from its last saved state).
-`--grid samples` runs the sample-checkpoint grid of sample_checkpoints/README.md.
+`--grid samples` runs this once per (size, seed) of the sample-checkpoint grid (workbench/grid.py).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .checkpoint import ROUTER_METRICS, read_card, router_score
-from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, default_num_groups, dense_shape,  # noqa: F401
+from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, default_num_groups,  # noqa: F401
                               from_args, parse_extra)
-from . import safejson, snapshots
-from .runs import STATUS_FILE, RunBusy, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
+from . import snapshots
+from .runs import STATUS_FILE, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
 
 
 def clustering_methods() -> list[str]:
@@ -350,7 +348,7 @@ def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, 
     return report
 
 
-def _router_column(row: dict) -> tuple:
+def router_column(row: dict) -> tuple:
     """(key, prefix) of the router column: accuracy vs the super-classes for a router trained on
     them, "purity …" for an end-to-end one (whose expert numbers mean nothing by themselves)."""
     key = router_score(row)
@@ -396,10 +394,10 @@ def _upsert_rows(path: Path, rows: list) -> None:
             reader = csv.DictReader(f)
             fields += [c for c in reader.fieldnames or () if c not in fields]
             kept = [r for r in reader if same(r.get("run_dir")) not in ours]
-    _write_csv(path, kept + rows, fields)
+    write_csv(path, kept + rows, fields)
 
 
-def _write_csv(path: Path, rows: list, fields: list) -> None:
+def write_csv(path: Path, rows: list, fields: list) -> None:
     """The results CSVs, written whole and atomically (missing cells empty)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields, restval="")
@@ -436,7 +434,7 @@ def _markdown(r: dict) -> str:
     lines += ["", "| model | preset | test accuracy | MACs/img | active / total params | router acc. vs super-class "
               "| accuracy with a perfect router |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
-        router, prefix = _router_column(row)
+        router, prefix = router_column(row)
         lines.append(f"| {row['model']} | {row['preset']} | {100 * row['test_accuracy']:.2f}% | "
                      f"{row['macs_active'] / 1e6:.1f} M | {row['params_active'] / 1e6:.2f} M / "
                      f"{row['params_total'] / 1e6:.2f} M | {prefix}{_pct(row[router])} | "
@@ -449,31 +447,6 @@ def _markdown(r: dict) -> str:
                      f"{fmt(m.get('modularity'))} | {fmt(m.get('ari'))} | {fmt(m.get('nmi'))} |")
     lines += ["", f"Wall time: {r['pipeline_wall_time_s']:.0f} s", ""]
     return "\n".join(lines)
-
-
-SAMPLE_GRID = {
-    # size: (dense preset, seeds, extra models at this size)
-    # at 6x64 the paper's routing strategies, and a smaller dose of the super-class loss (λ 0.1 beside
-    # the default 0.3 and the end-to-end router's 0): does the loss cost the shared blocks accuracy?
-    # (in this order: the λ series first, the slower per-token model last)
-    "6x64": ("vit-6x64", 3, ["mvmoe-6x64-e4k1:e2e", "mvmoe-6x64-e4k1:lambda=0.1", "vmoe-6x64-e8k2"]),
-    "6x96": ("vit-6x96", 2, []),
-    "9x64": ("vit-9x64", 2, []),
-}
-# The one recipe every grid model trains with (sample_checkpoints/README.md says how it was chosen).
-GRID_RECIPE = {"epochs": 25, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1, "augmentation": "none"}
-# Tiny ImageNet (the paper's setting in miniature): E = 10 super-classes of 200 classes; the per-token
-# V-MoE at the same E and k, so the two routings cost the same MACs. Natural images: flips only.
-TINY_IMAGENET_GRID = {"6x64": ("vit-6x64", 2, ["mvmoe-6x64-e10k1:e2e", "vmoe-6x64-e10k1"])}
-TINY_IMAGENET_RECIPE = {"epochs": 15, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1, "augmentation": "flip",
-                        "num_groups": 10}
-
-
-def sample_grid(dataset: str) -> tuple[dict, dict]:
-    """(grid, recipe) of `--grid samples` for a dataset: Tiny ImageNet's own, else the Fashion-MNIST one."""
-    if dataset == "tiny-imagenet":
-        return TINY_IMAGENET_GRID, TINY_IMAGENET_RECIPE
-    return SAMPLE_GRID, GRID_RECIPE
 
 
 SHORT_NAMES = {"fashion-mnist": "fmnist", "tiny-imagenet": "tin"}
@@ -512,169 +485,13 @@ def export(run_dir: Path, dest: Path, report: dict, seeds: Optional[dict] = None
     return written
 
 
-SEED_FIELDS = ("test_accuracy",) + ROUTER_METRICS
-
-
-def _mean_std(values: list) -> tuple:
-    """(mean, sample std (ddof 1; 0 for one value), n) of the non-missing values."""
-    v = [float(x) for x in values if x is not None]
-    if not v:
-        return None, None, 0
-    return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)
-
-
-def _pm(values: list, scale: float = 100, digits: int = 2, sign: bool = False, count: bool = True) -> str:
-    """"mean ± std (n)" in points; one value: just the value, with (n = 1). count=False leaves out
-    the (n) where the row already says how many seeds it has."""
-    mean, std, n = _mean_std(values)
-    if n == 0:
-        return ""
-    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
-    text = f"{fmt.format(scale * mean)} ± {scale * std:.{digits}f}" if n > 1 else fmt.format(scale * mean)
-    return f"{text} (n={n})" if count else text
-
-
-def grid_rows(reports: dict) -> list:
-    """One row per (size, seed, model) from {(size, seed): report}; each row also carries the
-    paired difference to the dense model of the same size and seed (same data order)."""
-    rows = []
-    for (size, seed), report in sorted(reports.items()):
-        dense = next((r for r in report["rows"] if r["model"] == "dense"), None)
-        for r in report["rows"]:
-            delta = None if dense is None or r["model"] == "dense" else r["test_accuracy"] - dense["test_accuracy"]
-            rows.append({"size": size, "seed": seed, **r, "delta_vs_dense": _round(delta, 5)})
-    return rows
-
-
-def grid_table(rows: list) -> str:
-    """Markdown: per size and model, mean ± std over the seeds done so far (n = seeds), the paired
-    difference to dense per seed, MACs, params and training time; on the dense row, how well the
-    super-classes found from its confusion match the dataset's reference grouping (ARI / NMI)."""
-    cells: dict = {}
-    for r in rows:
-        cells.setdefault((r["size"], r["model"]), []).append(r)
-    lines = ["| size | model | router | seeds | test acc (%) | Δ vs dense, paired (points) | per-seed Δ | "
-             "router acc vs super-classes (%) | perfect-router acc (%) | MACs/img | params active / total | "
-             "train wall time (min) | super-classes vs reference: ARI / NMI |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for (size, model), rs in cells.items():
-        rs = sorted(rs, key=lambda r: r["seed"])
-        first = rs[0]
-        router, prefix = _router_column(first)
-        per_seed = ", ".join(f"s{r['seed']}: {100 * r['delta_vs_dense']:+.2f}" for r in rs
-                             if r["delta_vs_dense"] is not None)
-        lines.append(
-            f"| {size} | {model if model not in ('dense', 'moe') else first['preset']} | "
-            f"{first['router'] or 'dense'} | {len(rs)} | {_pm([r['test_accuracy'] for r in rs])} | "
-            f"{_pm([r['delta_vs_dense'] for r in rs], sign=True) if model != 'dense' else ''} | {per_seed} | "
-            f"{prefix}{_pm([r.get(router) for r in rs])} | "
-            f"{_pm([r['oracle_routing_accuracy'] for r in rs])} | {first['macs_active'] / 1e6:.2f} M | "
-            f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M | "
-            f"{_pm([r.get('train_wall_time_s') for r in rs], scale=1 / 60, digits=0, count=False)} | "
-            f"{_agreement(rs) if model == 'dense' else ''} |")
-    return "\n".join(lines) + "\n"
-
-
-def _agreement(rows: list) -> str:
-    """"ARI / NMI" (mean ± std over seeds) of each seed's super-classes vs the reference grouping;
-    empty where the dataset has none."""
-    if all(r.get("ari") is None for r in rows):
-        return ""
-    return " / ".join(_pm([r.get(k) for r in rows], scale=1, digits=3, count=False) for k in ("ari", "nmi"))
-
-
-def median_seed(rows: list) -> int:
-    """The seed whose test accuracy is the median of the cell's (the lower middle one for an even count)."""
-    ranked = sorted(rows, key=lambda r: (r["test_accuracy"], r["seed"]))
-    return ranked[(len(ranked) - 1) // 2]["seed"]
-
-
-def _write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
-    """grid-results.csv and grid.md from every finished (size, seed) so far; with --export, the
-    median-seed checkpoint of each (size, model) with every seed's metrics in its card."""
-    rows = grid_rows(reports)
-    if not rows:
-        return
-    results = Path(cfg.results or base / "grid-results.csv")
-    _write_csv(results, rows, list(rows[0]))
-    atomic_write_bytes(base / "grid.md", grid_table(rows).encode("utf-8"))
-    if not cfg.export:
-        return
-    dest = Path(cfg.export)
-    for size in dict.fromkeys(r["size"] for r in rows):
-        by_model: dict = {}
-        for r in rows:
-            if r["size"] == size:
-                by_model.setdefault(r["model"], []).append(r)
-        seeds = {m: [{"seed": r["seed"], **{k: r.get(k) for k in SEED_FIELDS}, "delta_vs_dense": r["delta_vs_dense"]}
-                     for r in sorted(rs, key=lambda r: r["seed"])] for m, rs in by_model.items()}
-        # one seed is shipped per size: the dense model's median seed, and the MoEs of that seed
-        # (paired with it: same data order); every seed's numbers are in the cards and the CSV
-        chosen = median_seed(by_model["dense"])
-        export(seed_dir(base, size, chosen), dest, reports[(size, chosen)], seeds)
-    short = SHORT_NAMES.get(cfg.dataset, cfg.dataset)      # one folder can hold several datasets' grids
-    atomic_copy(results, dest / f"{short}-grid-results.csv")
-    atomic_copy(base / "grid.md", dest / f"{short}-grid.md")
-
-
-def run_grid(cfg: PipelineConfig) -> None:
-    """The sample-checkpoint grid into OUT/<size>/seed-<s>/, one whole pipeline per (size, seed).
-
-    First the dense + super-class MoE pair of every (size, seed), then the extra models, so an
-    interrupted grid has the headline pairs first. After each pipeline the table, the CSV and
-    (with --export) the shipped checkpoints are rewritten from everything finished so far, so
-    a grid resumed over many sessions always shows how many seeds each cell has."""
-    base = Path(cfg.out)
-    grid, grid_recipe = sample_grid(cfg.dataset)
-    recipe = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in grid_recipe.items()}
-    for with_extras in (False, True):
-        for size, (dense, n_seeds, extras) in grid.items():
-            if with_extras and not extras:
-                continue
-            for seed in range(n_seeds):
-                folder = seed_dir(base, size, seed)
-                sub = dataclasses.replace(cfg, **recipe, **dense_shape(dense), out=str(folder), seed=seed, grid=None,
-                                          export=None, extra=list(cfg.extra) + (extras if with_extras else []),
-                                          results=str(folder / "results.csv"))
-                try:
-                    run(sub)
-                except RunBusy as e:   # another worker trains this seed now: go on with the next one
-                    _say(cfg, f"{size} seed {seed} skipped: {e}")
-                    continue
-                _write_grid(cfg, base, finished_reports(base, grid))
-    print(grid_table(grid_rows(finished_reports(base, grid))))
-
-
-def seed_dir(base: Path, size: str, seed: int) -> Path:
-    """Where the grid runs the whole pipeline of one (size, seed): OUT/<size>/seed-<s>/."""
-    return base / size / f"seed-{seed}"
-
-
-def finished_reports(base: Path, grid: dict) -> dict:
-    """{(size, seed): report} of every pipeline of the grid that has written its report, whichever
-    worker ran it: two workers sharing a grid then never write a table that lacks the other's seeds."""
-    reports = {}
-    for size, (_, n_seeds, _) in grid.items():
-        for seed in range(n_seeds):
-            path = seed_dir(base, size, seed) / "report.json"
-            if not path.exists():                  # not finished yet
-                continue
-            try:                                   # the card bound: a 1000-class report passes runs' 1 MB
-                report = safejson.read(path)
-            except (OSError, ValueError) as e:     # say so: a seed silently missing from the table misleads
-                print(f"[grid] {path} left out of the table: {e}", file=sys.stderr)
-                continue
-            if isinstance(report, dict):
-                reports[(size, seed)] = report
-    return reports
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)   # (argparse's own errors exit with 2 and its usage line)
     try:
         cfg = from_args(ns)
         if cfg.grid:
+            from .grid import run_grid   # (the grid builds on this module)
             run_grid(cfg)
         else:
             report = run(cfg)

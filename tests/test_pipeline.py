@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from workbench import grid, pipeline
 from workbench.checkpoint import read_card
@@ -118,11 +119,13 @@ def test_grid_reports_every_seed_and_the_spread(grid_dir):
     rows = list(csv.DictReader(open(base / "runs" / "grid-results.csv")))
     assert sorted((r["seed"], r["model"]) for r in rows) == sorted(
         (s, m) for s in "01" for m in ("dense", "moe", "mvmoe-2x32-e4k1-e2e", "mvmoe-2x32-e4k1-lambda0.1"))
-    for r in rows:   # the paired difference is against the dense model of the same seed
+    for r in rows:   # the paired differences are against the dense model of the same seed
         dense = next(d for d in rows if d["seed"] == r["seed"] and d["model"] == "dense")
+        assert 0 < float(r["fit_accuracy"]) <= 1                       # every model, on trained-on images
         if r["model"] != "dense":
-            assert float(r["delta_vs_dense"]) == pytest.approx(
-                float(r["test_accuracy"]) - float(dense["test_accuracy"]), abs=1e-4)
+            for key in ("test_accuracy", "fit_accuracy"):
+                delta = r["delta_vs_dense" if key == "test_accuracy" else "fit_delta_vs_dense"]
+                assert float(delta) == pytest.approx(float(r[key]) - float(dense[key]), abs=1e-4)
     table = (base / "runs" / "grid.md").read_text()
     assert table.count("(n=2)") >= 3 and "± " in table
     # the end-to-end router numbers its experts freely: it is scored by purity, never by accuracy
@@ -158,6 +161,7 @@ def test_grid_ships_the_median_seed_with_every_seeds_numbers(grid_dir):
     moe = shipped / "synthetic-mvmoe-2x32-e4k1"
     _, card = load_checkpoint(moe)                                   # the card validates
     assert [s["seed"] for s in card["seeds"]] == [0, 1]
+    assert all(0 < s["fit_accuracy"] <= 1 and s["fit_delta_vs_dense"] is not None for s in card["seeds"])
     dense_seeds = read_card(shipped / "synthetic-vit-2x32")["seeds"]
     chosen = grid.median_seed([{"seed": s["seed"], "test_accuracy": s["test_accuracy"]} for s in dense_seeds])
     assert card["training"]["seed"] == chosen == read_card(shipped / "synthetic-vit-2x32")["training"]["seed"]
@@ -209,6 +213,23 @@ def test_the_tables_alone_are_rewritten_from_the_finished_reports(grid_dir, monk
     assert (base / "runs" / "grid.md").read_bytes() == table           # the same table, nothing trained
     assert grid.main(["--dataset", "synthetic", "--out", str(tmp_path)]) == 2    # an empty folder
     assert "no finished pipeline" in capsys.readouterr().err
+
+
+def test_the_fit_accuracy_reads_only_images_the_models_trained_on():
+    from workbench.data import ImageDataset, heldout_split
+    from workbench.pipeline_config import PipelineConfig
+
+    n = 12_000
+    index = torch.arange(n)
+    images = torch.stack([index % 256, index // 256], 1).to(torch.uint8).view(n, 1, 1, 2)   # image i says i
+    train = ImageDataset("indexed", "train", images, torch.zeros(n, dtype=torch.int64), ["x"], (0.5,), (0.5,))
+    cfg = PipelineConfig(dataset="synthetic", holdout=0.1)
+    sample = pipeline.trained_on_sample(cfg, train)
+    drawn = (sample.images[:, 0, 0, 0].long() + 256 * sample.images[:, 0, 0, 1].long()).tolist()
+    _, held = heldout_split(n, 0.1)                                 # the split every model trained with
+    assert len(drawn) == len(set(drawn)) == pipeline.FIT_SAMPLE     # 10,800 trained on, 10,000 drawn
+    assert not set(drawn) & set(held.tolist())
+    assert torch.equal(sample.images, pipeline.trained_on_sample(cfg, train).images)   # the same draw every time
 
 
 def test_median_seed_is_the_lower_middle():

@@ -44,6 +44,9 @@ REQUIRED_CARD_KEYS = ("preset", "config", "dataset", "classes", "superclasses", 
 # how a MoE routes, in a card's metrics and per seed: accuracy and perfect-router accuracy for a
 # router trained on the super-classes, purity for an end-to-end one (its expert numbers are its own)
 ROUTER_METRICS = ("router_superclass_accuracy", "router_superclass_purity", "oracle_routing_accuracy")
+# what a grid card's `seeds` may carry per seed, each a fraction: test accuracy, accuracy on trained-on
+# images (the pipeline's fit_accuracy) and the router's scores
+SEED_METRICS = ("test_accuracy", "fit_accuracy") + ROUTER_METRICS
 
 
 def router_score(metrics: dict) -> str:
@@ -208,13 +211,14 @@ def _check_seeds(seeds, path) -> None:
     for s in seeds:
         _check(isinstance(s.get("seed"), int) and not isinstance(s.get("seed"), bool), path,
                f"seeds: every entry needs an integer 'seed', got {s.get('seed')!r}")
-        for key in ("test_accuracy",) + ROUTER_METRICS:
+        for key in SEED_METRICS:
             v = s.get(key)
             _check(v is None or (_is_number(v) and 0 <= v <= 1), path,
                    f"seeds: {key} of seed {s['seed']} must be a fraction in [0, 1], got {v!r}")
-        d = s.get("delta_vs_dense")
-        _check(d is None or (_is_number(d) and -1 <= d <= 1), path,
-               f"seeds: delta_vs_dense of seed {s['seed']} must be in [-1, 1], got {d!r}")
+        for key in ("delta_vs_dense", "fit_delta_vs_dense"):
+            d = s.get(key)
+            _check(d is None or (_is_number(d) and -1 <= d <= 1), path,
+                   f"seeds: {key} of seed {s['seed']} must be in [-1, 1], got {d!r}")
 
 
 def _check_superclasses(sc, n: int, cfg: dict, path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import safejson
-from .checkpoint import ROUTER_METRICS
+from .checkpoint import SEED_METRICS
 from .pipeline import SHORT_NAMES, export, router_column, run, write_csv
 from .pipeline_config import PipelineConfig, dense_shape
 from .runs import RunBusy, atomic_copy, atomic_write_bytes
@@ -52,7 +52,6 @@ def sample_grid(dataset: str) -> tuple[dict, dict]:
     return SAMPLE_GRID, GRID_RECIPE
 
 
-SEED_FIELDS = ("test_accuracy",) + ROUTER_METRICS
 
 
 def _mean_std(values: list) -> tuple:
@@ -81,22 +80,32 @@ def grid_rows(reports: dict) -> list:
     for (size, seed), report in sorted(reports.items()):
         dense = next((r for r in report["rows"] if r["model"] == "dense"), None)
         for r in report["rows"]:
-            delta = None if dense is None or r["model"] == "dense" else r["test_accuracy"] - dense["test_accuracy"]
-            rows.append({"size": size, "seed": seed, **r, "delta_vs_dense": None if delta is None else round(delta, 5)})
+            rows.append({"size": size, "seed": seed, **r, "delta_vs_dense": _paired(r, dense, "test_accuracy"),
+                         "fit_delta_vs_dense": _paired(r, dense, "fit_accuracy")})
     return rows
+
+
+def _paired(row: dict, dense: Optional[dict], key: str) -> Optional[float]:
+    """row[key] - dense[key] for a model paired with its seed's dense twin; None for dense itself or a gap."""
+    if dense is None or row["model"] == "dense" or row.get(key) is None or dense.get(key) is None:
+        return None
+    return round(row[key] - dense[key], 5)
 
 
 def grid_table(rows: list) -> str:
     """Markdown: per size and model, mean ± std over the seeds done so far (n = seeds), the paired
-    difference to dense per seed, MACs, params and training time; on the dense row, how well the
-    super-classes found from its confusion match the dataset's reference grouping (ARI / NMI)."""
+    difference to dense per seed, the accuracy on trained-on images (fit) and its paired difference
+    (below dense: the model underfits, whatever the test split says), MACs, params and training
+    time; on the dense row, how well the super-classes found from its confusion match the
+    dataset's reference grouping (ARI / NMI)."""
     cells: dict = {}
     for r in rows:
         cells.setdefault((r["size"], r["model"]), []).append(r)
     lines = ["| size | model | router | seeds | test acc (%) | Δ vs dense, paired (points) | per-seed Δ | "
+             "fit acc, trained-on images (%) | fit Δ vs dense, paired (points) | "
              "router acc vs super-classes (%) | perfect-router acc (%) | MACs/img | params active / total | "
              "train wall time (min) | super-classes vs reference: ARI / NMI |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (size, model), rs in cells.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         first = rs[0]
@@ -107,6 +116,7 @@ def grid_table(rows: list) -> str:
             f"| {size} | {model if model not in ('dense', 'moe') else first['preset']} | "
             f"{first['router'] or 'dense'} | {len(rs)} | {_pm([r['test_accuracy'] for r in rs])} | "
             f"{_pm([r['delta_vs_dense'] for r in rs], sign=True) if model != 'dense' else ''} | {per_seed} | "
+            f"{_pm([r.get('fit_accuracy') for r in rs])} | {_pm([r.get('fit_delta_vs_dense') for r in rs], sign=True)} | "
             f"{prefix}{_pm([r.get(router) for r in rs])} | "
             f"{_pm([r['oracle_routing_accuracy'] for r in rs])} | {first['macs_active'] / 1e6:.2f} M | "
             f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M | "
@@ -146,7 +156,7 @@ def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
         for r in rows:
             if r["size"] == size:
                 by_model.setdefault(r["model"], []).append(r)
-        seeds = {m: [{"seed": r["seed"], **{k: r.get(k) for k in SEED_FIELDS}, "delta_vs_dense": r["delta_vs_dense"]}
+        seeds = {m: [{"seed": r["seed"], **{k: r.get(k) for k in SEED_METRICS + ("delta_vs_dense", "fit_delta_vs_dense")}}
                      for r in sorted(rs, key=lambda r: r["seed"])] for m, rs in by_model.items()}
         # one seed is shipped per size: the dense model's median seed, and the MoEs of that seed
         # (paired with it: same data order); every seed's numbers are in the cards and the CSV

@@ -133,8 +133,26 @@ def _patch_card(run_dir: Path, **fields) -> None:
     atomic_write_json(run_dir / "card.json", card)
 
 
-def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -> dict:
-    """Test accuracy, MACs/params and, for per-image routers, how they route against the super-classes:
+FIT_SAMPLE = 10_000   # trained-on images the fit accuracy is measured on
+
+
+def trained_on_sample(cfg, train_set):
+    """FIT_SAMPLE of the images every model of the run trained on (the training split minus the
+    held-out part; a fixed draw, the same for every model and seed), for `fit_accuracy`."""
+    import numpy as np
+
+    from .data import heldout_split
+
+    fit, _ = heldout_split(len(train_set), cfg.holdout)
+    if len(fit) > FIT_SAMPLE:
+        fit = np.sort(np.random.default_rng(0).choice(fit.numpy(), FIT_SAMPLE, replace=False))
+    return train_set.subset(fit)
+
+
+def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list], fit_set=None) -> dict:
+    """Test accuracy, MACs/params, `fit_accuracy` on trained-on images (fp32, eval mode, no
+    augmentation: how well a model fits what it learnt from, the check that tells underfitting
+    from overfitting) and, for per-image routers, how they route against the super-classes:
     a router trained on the map is scored by accuracy (expert g is super-class g's) and by the
     accuracy a perfect router would give; an end-to-end router numbers its experts freely, so it
     is scored by purity (each expert read as the super-class it sees most)."""
@@ -151,6 +169,8 @@ def evaluate_checkpoint(run_dir: Path, test_set, superclasses: Optional[list]) -
     macs = count_macs(model, test_set.image_shape, routing=summary.to_records() if model.cfg.family == "vmoe" else None)
     row = {"test_accuracy": float(summary.accuracy), "macs_active": macs["active"], "macs_dense": macs["dense"],
            "params_active": macs["params_active"], "params_total": macs["params_total"],
+           "fit_accuracy": None if fit_set is None else float(collect_routing(
+               model, fit_set.images, fit_set.labels, fit_set.mean, fit_set.std, batch_size=512).accuracy),
            **dict.fromkeys(ROUTER_METRICS)}
     guided = model.cfg.superclasses is not None
     if model.cfg.family == "mvmoe" and superclasses is not None:
@@ -206,7 +226,8 @@ def run(cfg: PipelineConfig) -> dict:
         _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
                                            "holdout": cfg.holdout},
                     **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
-    evaluation = {name: evaluate_checkpoint(out / name, test_set, assignment) for name in runs}   # 5.
+    fit_set = trained_on_sample(cfg, train_set)
+    evaluation = {name: evaluate_checkpoint(out / name, test_set, assignment, fit_set) for name in runs}   # 5.
     atomic_write_json(out / "evaluation.json", evaluation)
     return write_report(cfg, out, runs, evaluation, confusion, clustering, classes, E,   # 6.
                         {"assignment": assignment, "names": names}, t0)
@@ -303,7 +324,8 @@ def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict,
         "dataset": cfg.dataset, "model": name, "preset": preset, "family": model["family"],
         "E": model["num_experts"] or "", "k": model["top_k"] if model["num_experts"] else "",
         "router": _router_kind(model),
-        "test_accuracy": round(ev["test_accuracy"], 5), "macs_active": int(ev["macs_active"]),
+        "test_accuracy": round(ev["test_accuracy"], 5), "fit_accuracy": _round(ev.get("fit_accuracy"), 5),
+        "macs_active": int(ev["macs_active"]),
         "params_active": ev["params_active"], "params_total": ev["params_total"],
         **{k: _round(ev.get(k)) for k in ROUTER_METRICS},
         "train_wall_time_s": card.get("wall_time_s"), "epochs": cfg.epochs,
@@ -431,11 +453,12 @@ def _markdown(r: dict) -> str:
         for c in choice["candidates"]:
             lines.append(f"| {c['candidate']} | {_pct(c.get(score))} | {_pct(c.get('min_share'))} | "
                          f"{_pct(c.get('within_share'))} | {'✓' if c.get('chosen') else ''} |")
-    lines += ["", "| model | preset | test accuracy | MACs/img | active / total params | router acc. vs super-class "
-              "| accuracy with a perfect router |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| model | preset | test accuracy | accuracy on trained-on images | MACs/img | active / total params "
+              "| router acc. vs super-class | accuracy with a perfect router |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         router, prefix = router_column(row)
         lines.append(f"| {row['model']} | {row['preset']} | {100 * row['test_accuracy']:.2f}% | "
+                     f"{_pct(row.get('fit_accuracy'))} | "
                      f"{row['macs_active'] / 1e6:.1f} M | {row['params_active'] / 1e6:.2f} M / "
                      f"{row['params_total'] / 1e6:.2f} M | {prefix}{_pct(row[router])} | "
                      f"{_pct(row.get('oracle_routing_accuracy'))} |")

@@ -103,26 +103,26 @@ def _say(cfg: PipelineConfig, msg: str) -> None:
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
-def _train_stage(cfg: PipelineConfig, run_dir: Path, preset: str, superclasses: Optional[Path] = None,
-                 superclass_loss_weight: Optional[float] = None) -> dict:
-    """Train one model into run_dir, resuming an unfinished run; skip a finished one. A guided model's
-    lambda is its own (`--extra PRESET:lambda=X`), else the run's --superclass-loss-weight."""
+def _train_stage(cfg: PipelineConfig, out: Path, m: ModelRun) -> dict:
+    """Train one model into OUT/<its name>, resuming an unfinished run; skip a finished one. A guided
+    model reads OUT/superclasses.json, with its own lambda (`--extra PRESET:lambda=X`) or the run's."""
     from .checkpoint import TRAIN_STATE
     from .train import train
     from .train_config import TrainConfig, model_from_preset
 
+    run_dir, superclasses = out / m.name, out / "superclasses.json" if m.guided else None
     if (read_json(run_dir / STATUS_FILE) or {}).get("state") == "finished":
         _say(cfg, f"{run_dir.name}: finished earlier, skipped")
         return read_card(run_dir)
-    weight = superclass_loss_weight if superclass_loss_weight is not None else cfg.superclass_loss_weight
+    weight = m.superclass_loss_weight if m.superclass_loss_weight is not None else cfg.superclass_loss_weight
     overrides = {} if superclasses is None or weight is None else {"superclass_loss_weight": weight}
     resume = (run_dir / TRAIN_STATE).exists()
     recipe = {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k) is not None}
-    stage = TrainConfig(model=model_from_preset(preset, overrides), dataset=cfg.dataset, data_root=cfg.data_root,
+    stage = TrainConfig(model=model_from_preset(m.preset, overrides), dataset=cfg.dataset, data_root=cfg.data_root,
                         superclasses=str(superclasses) if superclasses else None, holdout=cfg.holdout,
                         seed=cfg.seed, precision=cfg.precision, out=str(run_dir), resume=resume, quiet=cfg.quiet,
                         **recipe).validate()
-    _say(cfg, f"{run_dir.name}: {'resuming' if resume else 'training'} {preset} for {cfg.epochs} epochs")
+    _say(cfg, f"{run_dir.name}: {'resuming' if resume else 'training'} {m.preset} for {cfg.epochs} epochs")
     return train(stage)["card"]
 
 
@@ -214,15 +214,14 @@ def run(cfg: PipelineConfig) -> dict:
     E, dense, moe = cfg.num_groups, cfg.dense_preset, cfg.moe_preset
     _say(cfg, f"{cfg.dataset}: {len(classes)} classes, dense {dense}, MoE {moe}, {cfg.method} clustering -> {out}")
 
-    _train_stage(cfg, out / "dense", dense)                            # 1. dense baseline
+    runs = _models_to_train(cfg, dense, moe)
+    _train_stage(cfg, out, runs["dense"])                              # 1. dense baseline
     confusion = heldout_confusion(cfg, out, train_set)                 # 2. held-out confusion
     _say(cfg, f"held-out accuracy of the dense baseline: {100 * confusion['accuracy']:.2f}%")
     assignment, names, clustering = discover_superclasses(cfg, out, train_set, confusion, E)   # 3.
-    runs = _models_to_train(cfg, dense, moe)
     sc_card = {"assignment": assignment, "names": names, "method": clustering["method"]}
     for name, m in runs.items():                                       # 4. MoE (+ extras)
-        _train_stage(cfg, out / name, m.preset, out / "superclasses.json" if m.guided else None,
-                     m.superclass_loss_weight)
+        _train_stage(cfg, out, m)
         _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
                                            "holdout": cfg.holdout},
                     **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))

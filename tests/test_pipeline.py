@@ -174,13 +174,29 @@ def test_grid_ships_the_median_seed_with_every_seeds_numbers(grid_dir):
     assert read_card(shipped / "synthetic-mvmoe-2x32-e4k1-lambda0.1")["config"]["superclass_loss_weight"] == 0.1
 
 
-def test_a_resumed_grid_trains_nothing_again(grid_dir, monkeypatch):
+def test_a_resumed_grid_trains_and_evaluates_nothing_again(grid_dir, monkeypatch):
     base, args = grid_dir
     weights = base / "runs" / "2x32" / "seed-1" / "moe" / "model.safetensors"
     before = weights.stat().st_mtime_ns
+    rows = (base / "runs" / "grid-results.csv").read_bytes()
     monkeypatch.setattr(grid, "SAMPLE_GRID", MINI_GRID)
-    assert pipeline.main(args) == 0
+
+    def no_evaluation(*_):
+        raise AssertionError("evaluated again")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "evaluate_checkpoint", no_evaluation)
+        assert pipeline.main(args) == 0
     assert weights.stat().st_mtime_ns == before
+    assert (base / "runs" / "grid-results.csv").read_bytes() == rows
+    # a change to the evaluation (its version) evaluates every model again, with the same numbers
+    calls = []
+    real = pipeline.evaluate_checkpoint
+    monkeypatch.setattr(pipeline, "EVALUATION_VERSION", pipeline.EVALUATION_VERSION + 1)
+    monkeypatch.setattr(pipeline, "evaluate_checkpoint", lambda *a: calls.append(a[0]) or real(*a))
+    assert pipeline.main(args) == 0
+    assert len(calls) == 8                                          # 2 seeds x 4 models
+    assert (base / "runs" / "grid-results.csv").read_bytes() == rows
 
 
 def test_a_worker_that_finds_a_seed_busy_still_tables_that_seeds_finished_runs(grid_dir, monkeypatch):

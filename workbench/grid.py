@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 from . import safejson
 from .checkpoint import SEED_METRICS
 from .pipeline import SHORT_NAMES, export, router_column, run, write_csv
-from .pipeline_config import PipelineConfig, dense_shape
-from .runs import RunBusy, atomic_copy, atomic_write_bytes
+from .pipeline_config import PipelineConfig, dense_shape, parse_extra
+from .runs import RunBusy, atomic_copy, atomic_write_bytes, is_finished
 
 SAMPLE_GRID = {
     # size: (dense preset, seeds, extra models at this size)
@@ -183,9 +183,10 @@ def run_grid(cfg: PipelineConfig) -> None:
                 continue
             for seed in range(n_seeds):
                 folder = seed_dir(base, size, seed)
+                # the first pass trains the pairs only, but keeps the extras trained earlier in the report
+                now = extras if with_extras else [e for e in extras if is_finished(folder / parse_extra(e).name)]
                 sub = dataclasses.replace(cfg, **recipe, **dense_shape(dense), out=str(folder), seed=seed, grid=None,
-                                          export=None, extra=list(cfg.extra) + (extras if with_extras else []),
-                                          results=str(folder / "results.csv"))
+                                          export=None, extra=list(cfg.extra) + now, results=str(folder / "results.csv"))
                 try:
                     run(sub)
                 except RunBusy as e:   # another worker trains this seed now: go on with the next one

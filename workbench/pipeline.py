@@ -10,8 +10,9 @@
    hierarchy-template.json  the same grouping as an image folder's reference hierarchy, to edit
                      and copy beside the class folders as hierarchy.json (workbench/hierarchy_file.py)
 4. moe/              train the per-image MoE whose router predicts the super-class
-5. evaluation.json   both models on the test split (accuracy, MACs, params, router accuracy,
-                     accuracy with a perfect router)
+5. evaluation.json   every model on the test split (accuracy, MACs, params, router accuracy,
+                     accuracy with a perfect router) and on trained-on images (fit accuracy);
+                     reused for the same weights and EVALUATION_VERSION
 6. report.md/.json   and one row per model appended to the results CSV
 
 Each stage writes its artefact in the run directory and is skipped when the
@@ -35,7 +36,7 @@ from .checkpoint import ROUTER_METRICS, read_card, router_score
 from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, default_num_groups,  # noqa: F401
                               from_args, parse_extra)
 from . import snapshots
-from .runs import STATUS_FILE, atomic_copy, atomic_write_bytes, atomic_write_json, read_json
+from .runs import atomic_copy, atomic_write_bytes, atomic_write_json, is_finished, read_json
 
 
 def clustering_methods() -> list[str]:
@@ -111,7 +112,7 @@ def _train_stage(cfg: PipelineConfig, out: Path, m: ModelRun) -> dict:
     from .train_config import TrainConfig, model_from_preset
 
     run_dir, superclasses = out / m.name, out / "superclasses.json" if m.guided else None
-    if (read_json(run_dir / STATUS_FILE) or {}).get("state") == "finished":
+    if is_finished(run_dir):
         _say(cfg, f"{run_dir.name}: finished earlier, skipped")
         return read_card(run_dir)
     weight = m.superclass_loss_weight if m.superclass_loss_weight is not None else cfg.superclass_loss_weight
@@ -134,6 +135,29 @@ def _patch_card(run_dir: Path, **fields) -> None:
 
 
 FIT_SAMPLE = 10_000   # trained-on images the fit accuracy is measured on
+# Bump when evaluate_checkpoint's numbers change: every finished model is then evaluated again
+# (2: fit_accuracy; end-to-end routers scored by purity).
+EVALUATION_VERSION = 2
+
+
+def evaluate_all(out: Path, runs: dict, test_set, superclasses: list, fit_set) -> dict:
+    """Stage 5, evaluation.json: each model's `evaluate_checkpoint`, reused when the same weights
+    (the card's sha256) were evaluated by this EVALUATION_VERSION, since a resumed grid passes
+    every finished seed again and two workers would otherwise both re-evaluate it."""
+    earlier = read_json(out / "evaluation.json") or {}
+    evaluation = {}
+    for name in runs:
+        sha = (read_card(out / name).get("weights") or {}).get("sha256")
+        old = earlier.get(name)
+        if isinstance(old, dict) and sha and old.get("weights_sha256") == sha \
+                and old.get("evaluation_version") == EVALUATION_VERSION:
+            evaluation[name] = old
+            continue
+        evaluation[name] = {**evaluate_checkpoint(out / name, test_set, superclasses, fit_set),
+                            "weights_sha256": sha, "evaluation_version": EVALUATION_VERSION}
+    kept = {k: v for k, v in earlier.items() if k not in evaluation}   # models this run did not ask for
+    atomic_write_json(out / "evaluation.json", {**kept, **evaluation})
+    return evaluation
 
 
 def trained_on_sample(cfg, train_set):
@@ -225,9 +249,7 @@ def run(cfg: PipelineConfig) -> dict:
         _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
                                            "holdout": cfg.holdout},
                     **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
-    fit_set = trained_on_sample(cfg, train_set)
-    evaluation = {name: evaluate_checkpoint(out / name, test_set, assignment, fit_set) for name in runs}   # 5.
-    atomic_write_json(out / "evaluation.json", evaluation)
+    evaluation = evaluate_all(out, runs, test_set, assignment, trained_on_sample(cfg, train_set))   # 5.
     return write_report(cfg, out, runs, evaluation, confusion, clustering, classes, E,   # 6.
                         {"assignment": assignment, "names": names}, t0)
 

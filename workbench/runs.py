@@ -191,6 +191,11 @@ class RunBusy(ValueError):
     """Another live process is training into this run folder."""
 
 
+def is_finished(run_dir: PathLike) -> bool:
+    """Whether a training run in this folder finished (its status.json says so)."""
+    return (read_json(Path(run_dir) / STATUS_FILE) or {}).get("state") == "finished"
+
+
 def training_pid(run_dir: PathLike) -> Optional[int]:
     """The pid of a live trainer writing this run folder now (status.json says running and
     that very process is alive), else None: two trainers must never share a folder."""

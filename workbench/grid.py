@@ -52,7 +52,7 @@ def sample_grid(dataset: str) -> tuple[dict, dict]:
     return SAMPLE_GRID, GRID_RECIPE
 
 
-
+# ----------------------------------------------------------------------------- the tables
 
 def _mean_std(values: list) -> tuple:
     """(mean, sample std (ddof 1; 0 for one value), n) of the non-missing values."""
@@ -166,6 +166,8 @@ def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
     atomic_copy(results, dest / f"{short}-grid-results.csv")
     atomic_copy(base / "grid.md", dest / f"{short}-grid.md")
 
+
+# ----------------------------------------------------------------------------- running it
 
 def run_grid(cfg: PipelineConfig) -> None:
     """The sample-checkpoint grid into OUT/<size>/seed-<s>/, one whole pipeline per (size, seed).

@@ -248,6 +248,22 @@ def test_the_fit_accuracy_reads_only_images_the_models_trained_on():
     assert torch.equal(sample.images, pipeline.trained_on_sample(cfg, train).images)   # the same draw every time
 
 
+def test_the_grid_trains_each_extra_at_every_seed_before_the_next(tmp_path, monkeypatch):
+    from workbench.runs import RunBusy
+
+    calls = []
+
+    def record(cfg):
+        calls.append((cfg.seed, cfg.extra))
+        raise RunBusy("recorded only")
+
+    monkeypatch.setattr(grid, "SAMPLE_GRID", MINI_GRID)
+    monkeypatch.setattr(grid, "run", record)
+    assert pipeline.main(["--grid", "samples", "--dataset", "synthetic", "--out", str(tmp_path), "--quiet"]) == 0
+    e2e, dose = MINI_GRID["2x32"][2]
+    assert calls == [(0, []), (1, []), (0, [e2e]), (1, [e2e]), (0, [e2e, dose]), (1, [e2e, dose])]
+
+
 def test_median_seed_is_the_lower_middle():
     rows = [{"seed": s, "test_accuracy": a} for s, a in ((0, 0.90), (1, 0.80), (2, 0.85), (3, 0.95))]
     assert grid.median_seed(rows[:3]) == 2 and grid.median_seed(rows) == 2

@@ -172,21 +172,23 @@ def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
 def run_grid(cfg: PipelineConfig) -> None:
     """The sample-checkpoint grid into OUT/<size>/seed-<s>/, one whole pipeline per (size, seed).
 
-    First the dense + super-class MoE pair of every (size, seed), then the extra models, so an
-    interrupted grid has the headline pairs first. After each pipeline the table, the CSV and
-    (with --export) the shipped checkpoints are rewritten from everything finished so far, so
-    a grid resumed over many sessions always shows how many seeds each cell has."""
+    First the dense + super-class MoE pair of every (size, seed), then the extra models one at a
+    time, each at every seed before the next, so an interrupted grid has the headline pairs first
+    and each extra cell fills across seeds (and has a table row) before the next one starts. After
+    each pipeline the table, the CSV and (with --export) the shipped checkpoints are rewritten from
+    everything finished so far, so a grid resumed over many sessions always shows how many seeds
+    each cell has."""
     base = Path(cfg.out)
     grid, grid_recipe = sample_grid(cfg.dataset)
     recipe = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in grid_recipe.items()}
-    for with_extras in (False, True):
+    for depth in range(1 + max(len(extras) for _, _, extras in grid.values())):   # extras trained so far
         for size, (dense, n_seeds, extras) in grid.items():
-            if with_extras and not extras:
+            if depth > len(extras):
                 continue
             for seed in range(n_seeds):
                 folder = seed_dir(base, size, seed)
-                # the first pass trains the pairs only, but keeps the extras trained earlier in the report
-                now = extras if with_extras else [e for e in extras if is_finished(folder / parse_extra(e).name)]
+                # the first `depth` extras, and any later one trained earlier (so it stays in the report)
+                now = [e for i, e in enumerate(extras) if i < depth or is_finished(folder / parse_extra(e).name)]
                 sub = dataclasses.replace(cfg, **recipe, **dense_shape(dense), out=str(folder), seed=seed, grid=None,
                                           export=None, extra=list(cfg.extra) + now, results=str(folder / "results.csv"))
                 try:

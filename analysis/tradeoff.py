@@ -97,6 +97,7 @@ def checkpoint_table(checkpoints: Iterable[Union[str, Path, dict]], *,
     """
     from workbench.checkpoint import load_checkpoint, read_card
     from workbench.flops import count_macs
+    from workbench.models.config import router_kind
 
     rows = []
     for item in checkpoints:
@@ -111,6 +112,7 @@ def checkpoint_table(checkpoints: Iterable[Union[str, Path, dict]], *,
             "name": card.get("name") or (Path(path).name if path else card.get("preset", "?")),
             "preset": card.get("preset"), "family": family,
             "routing": {"vit": "dense", "mvmoe": "per-image", "vmoe": "per-token"}.get(family, family),
+            "router": router_kind(cfg) or "dense",
             "depth": cfg.get("depth"), "width": cfg.get("width"),
             "num_experts": cfg.get("num_experts", 0) or 0, "top_k": cfg.get("top_k") if family != "vit" else None,
             "dataset": card.get("dataset"),
@@ -153,17 +155,25 @@ def checkpoint_table(checkpoints: Iterable[Union[str, Path, dict]], *,
 
 def _seed_columns(card: dict) -> dict:
     """The spread over seeds a grid card carries (`seeds`: one entry per seed of the same recipe):
-    mean ± std of test accuracy and of the paired difference to dense; one seed -> std NaN."""
+    mean ± std of test accuracy and of the paired differences to dense (on the test images and on
+    trained-on images, `fit`), and each seed's paired differences; one seed -> std NaN."""
     seeds = card.get("seeds") or []
-    acc = [s["test_accuracy"] for s in seeds if s.get("test_accuracy") is not None]
-    delta = [s["delta_vs_dense"] for s in seeds if s.get("delta_vs_dense") is not None]
+
+    def values(key):
+        return [s[key] for s in seeds if s.get(key) is not None]
+
+    def std(xs):
+        return float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
+
+    acc, delta, fit = values("test_accuracy"), values("delta_vs_dense"), values("fit_delta_vs_dense")
     return {"n_seeds": len(acc) or 1,
             "seed_accuracies": acc or None,
             "accuracy_mean": float(np.mean(acc)) if acc else _get(card, "metrics", "test_accuracy"),
-            "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else float("nan"),
-            "gain_mean": float(np.mean(delta)) if delta else float("nan"),
-            "gain_std": float(np.std(delta, ddof=1)) if len(delta) > 1 else float("nan"),
-            "n_pairs": len(delta)}
+            "accuracy_std": std(acc),
+            "gain_mean": float(np.mean(delta)) if delta else float("nan"), "gain_std": std(delta),
+            "seed_gains": delta or None, "n_pairs": len(delta),
+            "fit_gain_mean": float(np.mean(fit)) if fit else float("nan"), "fit_gain_std": std(fit),
+            "seed_fit_gains": fit or None}
 
 
 def pareto_frontier(df: pd.DataFrame, x: str = "macs_active", y: str = "accuracy") -> pd.Series:
@@ -180,12 +190,14 @@ def pareto_frontier(df: pd.DataFrame, x: str = "macs_active", y: str = "accuracy
 def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
     """Each MoE checkpoint minus the best dense checkpoint of the same depth x width and dataset.
 
-    Columns: name, dense_name, routing, macs_active, gain (accuracy points as a
-    fraction, MoE - dense), gain_std, n. A grid card with seeds gives the mean of
-    the paired per-seed differences (same seed, same data order) and their std;
-    otherwise the gain is one difference (n = 1, std NaN).
+    Columns: name, dense_name, routing, router, dataset, depth, width, macs_active, gain
+    (accuracy points as a fraction, MoE - dense), gain_std, n, seed_gains, and fit_gain,
+    fit_gain_std, seed_fit_gains (the same on images the models trained on). A grid card with
+    seeds gives the mean of the paired per-seed differences (same seed, same data order) and
+    their std; otherwise the gain is one difference (n = 1, std NaN, no fit gain).
     """
-    cols = ["name", "dense_name", "routing", "macs_active", "gain", "gain_std", "n"]
+    cols = ["name", "dense_name", "routing", "router", "dataset", "depth", "width", "macs_active", "gain",
+            "gain_std", "n", "seed_gains", "fit_gain", "fit_gain_std", "seed_fit_gains"]
     rows = []
     dense = df[df["routing"] == "dense"].dropna(subset=["accuracy"])
     for _, r in df[df["routing"] != "dense"].dropna(subset=["accuracy"]).iterrows():
@@ -194,13 +206,17 @@ def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
         if match.empty:
             continue
         best = match.loc[match["accuracy"].idxmax()]
-        paired = r.get("n_pairs", 0) or 0
-        if paired:
-            gain, std, n = r["gain_mean"], r["gain_std"], paired
+        row = {"name": r["name"], "dense_name": best["name"], "routing": r["routing"],
+               "router": r.get("router", r["routing"]), "dataset": r["dataset"], "depth": r["depth"],
+               "width": r["width"], "macs_active": r["macs_active"]}
+        if r.get("n_pairs", 0) or 0:
+            row.update(gain=r["gain_mean"], gain_std=r["gain_std"], n=int(r["n_pairs"]),
+                       seed_gains=r["seed_gains"], fit_gain=r.get("fit_gain_mean", float("nan")),
+                       fit_gain_std=r.get("fit_gain_std", float("nan")), seed_fit_gains=r.get("seed_fit_gains"))
         else:
-            gain, std, n = r["accuracy"] - best["accuracy"], float("nan"), 1
-        rows.append({"name": r["name"], "dense_name": best["name"], "routing": r["routing"],
-                     "macs_active": r["macs_active"], "gain": gain, "gain_std": std, "n": int(n)})
+            row.update(gain=r["accuracy"] - best["accuracy"], gain_std=float("nan"), n=1, seed_gains=None,
+                       fit_gain=float("nan"), fit_gain_std=float("nan"), seed_fit_gains=None)
+        rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -271,6 +271,50 @@ def _gain_panel(fig: go.Figure, gains: pd.DataFrame, paper_reference_trace: bool
     fig.update_yaxes(title_text="gain (accuracy points)", row=2, col=1)
 
 
+# the Mobile V-MoE paper's ranking of routers on ImageNet, best first: rows of `strategy_figure` follow
+# it, each router in its colour (a dose of the super-class loss, "superclass, λ = 0.1", in the superclass one)
+PAPER_ROUTER_ORDER = ("per-token", "superclass", "end-to-end")
+ROUTER_COLORS = (ROUTING_STYLE["per-token"][0], ROUTING_STYLE["per-image"][0], "#FFA15A", "#AB63FA")
+
+
+def strategy_figure(gains: pd.DataFrame, title: str = "Gain over the dense model of the same shape") -> go.Figure:
+    """The routers of one shape side by side: each MoE's paired gain over dense (mean ± std over
+    seeds, each seed a dot) on the test images and, where the cards have it, on images the models
+    trained on (fit). Rows follow the paper's ranking (per-token, super-class, end-to-end), so a
+    reader sees at once where ours agrees; `gains` is `analysis.tradeoff.moe_gains` for one shape."""
+    order = {k: i for i, k in enumerate(PAPER_ROUTER_ORDER)}
+    g = gains.assign(_rank=[order.get(str(r).split(",")[0], len(order)) for r in gains["router"]])
+    g = g.sort_values(["_rank", "router", "name"])
+    labels = [f"{r} · {n}" for r, n in zip(g["router"], g["name"])]
+    panels = [("gain", "gain_std", "seed_gains", "test images")]
+    if g["fit_gain"].notna().any():
+        panels.append(("fit_gain", "fit_gain_std", "seed_fit_gains", "trained-on images (fit)"))
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[p[3] for p in panels])
+    for col, (mean, std, seeds, where) in enumerate(panels, start=1):
+        for label, (_, r) in zip(labels, g.iterrows()):
+            color = ROUTER_COLORS[int(r["_rank"])]
+            if pd.isna(r[mean]):
+                continue
+            fig.add_scatter(x=[r[mean] * 100], y=[label], mode="markers", row=1, col=col, showlegend=False,
+                            marker={"color": color, "size": 12, "symbol": "diamond"},
+                            error_x={"type": "data", "array": [0 if pd.isna(r[std]) else r[std] * 100],
+                                     "color": color},
+                            hovertemplate=f"{label} − {r['dense_name']}, {where}: %{{x:+.2f}} points ("
+                                          + (f"mean of {int(r['n'])} paired seeds" if isinstance(r[seeds], list)
+                                             else "one checkpoint each, not paired by seed") + ")<extra></extra>")
+            if isinstance(r[seeds], list) and r[seeds]:
+                fig.add_scatter(x=[v * 100 for v in r[seeds]], y=[label] * len(r[seeds]), mode="markers",
+                                row=1, col=col, showlegend=False,
+                                marker={"color": color, "symbol": "circle-open", "size": 7},
+                                hovertemplate="one seed: %{x:+.2f} points<extra></extra>")
+        fig.add_vline(x=0, line_color="grey", line_dash="dot", row=1, col=col)
+        fig.update_xaxes(title_text="MoE − dense (accuracy points)", row=1, col=col)
+    fig.update_yaxes(autorange="reversed", type="category", categoryorder="array", categoryarray=labels)
+    fig.update_layout(title=title, height=160 + 60 * len(labels))
+    return fig
+
+
 def _seed_stats(d: pd.DataFrame) -> tuple:
     """(y, std, n) to plot: the mean over seeds where the table has it, else the accuracy."""
     if "accuracy_mean" in d:

@@ -4,7 +4,7 @@ import copy
 import streamlit as st
 
 from analysis.tradeoff import checkpoint_table, moe_gains, pareto_frontier, sweep_routing
-from pages.figures import sweep_figure, tradeoff_figure
+from pages.figures import strategy_figure, sweep_figure, tradeoff_figure
 from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, ckpt_ref,
                           dataset_or_none, eval_subset, load_model, max_images, need, open_checkpoint)
 
@@ -72,7 +72,18 @@ if len(gains):
                                                                       format="percent"),
                                 "gain_std": st.column_config.NumberColumn("std over seeds", format="percent"),
                                 "n": st.column_config.NumberColumn("seeds"),
-                                "macs_active": st.column_config.NumberColumn(format="compact")})
+                                "macs_active": st.column_config.NumberColumn(format="compact")},
+                 column_order=["name", "dense_name", "routing", "router", "macs_active", "gain", "gain_std", "n"])
+    st.subheader("Routers of one shape side by side")
+    st.caption("Each MoE minus the dense model of the same depth × width: the mean of the paired per-seed "
+               "differences ± 1 std, each seed a dot; on the test images and, where the cards have it, on "
+               "images the models trained on. Rows follow the paper's ranking on ImageNet (per-token > "
+               "super-class per-image > end-to-end per-image > dense), so you see where this grid agrees.")
+    by_shape = gains.groupby(["dataset", "depth", "width"])
+    shape = st.selectbox("Shape", list(by_shape.size().sort_values(ascending=False, kind="stable").index),
+                         format_func=lambda t: f"{t[0]}, {t[1]}x{t[2]}", help="The shape with the most routers first.")
+    st.plotly_chart(strategy_figure(by_shape.get_group(shape), title=f"{shape[0]}, {shape[1]}x{shape[2]}: gain over dense"),
+                    key="strategies")
 
 st.header(f"Inference-time sweep of {path.name}")
 cfg = card["config"]

@@ -11,8 +11,8 @@ from analysis.attribution import METHODS, class_attribution, region_share, route
 from analysis.collect import collect_routing, force_expert, routing_overrides
 from analysis.embedding import embed, embedding_frame
 from analysis.routing import compare_batch_priority
-from analysis.tradeoff import checkpoint_table, pareto_frontier, sweep_routing
-from pages.figures import overlay_figure, tradeoff_figure
+from analysis.tradeoff import checkpoint_table, moe_gains, pareto_frontier, sweep_routing
+from pages.figures import overlay_figure, strategy_figure, tradeoff_figure
 from workbench.flops import count_macs
 from workbench.models import create_model
 
@@ -262,6 +262,43 @@ def test_tradeoff_figure_labels_the_paper_reference_as_the_abstracts_gain():
     gain = [tr for tr in fig.data if tr.name == "per-image: gain over dense"][0]
     assert gain.y[0] == pytest.approx(3.0)
     assert not any(tr.name.startswith("paper") for tr in tradeoff_figure(t).data)   # optional
+
+
+def seeded(c, test, fit=None, **config):
+    """A grid card: each seed's test accuracy and paired differences to the dense model of its seed."""
+    c["config"].update(config)
+    c["seeds"] = [{"seed": i, "test_accuracy": 0.8 + d, "delta_vs_dense": d,
+                   "fit_delta_vs_dense": None if fit is None else fit[i]} for i, d in enumerate(test)]
+    return c
+
+
+def test_routers_of_one_shape_are_compared_paired_and_in_the_papers_order():
+    t = checkpoint_table([
+        seeded(card("e2e", "mvmoe", 0.80, 100), [-0.01, 0.01, 0.0], [0.01, 0.0, 0.02]),
+        seeded(card("dense", "vit", 0.80, 100), [], None),
+        seeded(card("moe", "mvmoe", 0.79, 100), [-0.02, 0.0, -0.01], [-0.02, -0.01, -0.03], superclasses=[0, 1]),
+        seeded(card("dose", "mvmoe", 0.80, 100), [0.0, 0.0, 0.03], [0.0, 0.0, 0.0],
+               superclasses=[0, 1], superclass_loss_weight=0.1),
+        card("token", "vmoe", 0.85, 120)])                        # no seeds: one unpaired difference
+    assert t.set_index("name")["router"].to_dict() == {"e2e": "end-to-end", "dense": "dense", "moe": "superclass",
+                                                       "dose": "superclass, λ = 0.1", "token": "per-token"}
+    gains = moe_gains(t).set_index("name")
+    assert gains.loc["moe", "gain"] == pytest.approx(-0.01) and gains.loc["moe", "n"] == 3
+    assert gains.loc["moe", "fit_gain"] == pytest.approx(-0.02) and gains.loc["moe", "fit_gain_std"] == pytest.approx(0.01)
+    assert gains.loc["token", "n"] == 1 and np.isnan(gains.loc["token", "fit_gain"])
+    fig = strategy_figure(moe_gains(t))
+    means = [tr for tr in fig.data if tr.marker.symbol == "diamond"]
+    # per-token > super-class (its doses beside it) > end-to-end, top down, on the test and the fit panel
+    assert [tr.y[0].split(" · ")[0] for tr in means if tr.xaxis == "x"] == [
+        "per-token", "superclass", "superclass, λ = 0.1", "end-to-end"]
+    assert [tr.y[0].split(" · ")[0] for tr in means if tr.xaxis == "x2"] == [
+        "superclass", "superclass, λ = 0.1", "end-to-end"]          # the per-token card has no fit numbers
+    moe = next(tr for tr in means if tr.y[0] == "superclass · moe" and tr.xaxis == "x")
+    assert moe.x[0] == pytest.approx(-1.0) and moe.error_x.array[0] == pytest.approx(1.0)
+    dots = next(tr for tr in fig.data if tr.marker.symbol == "circle-open" and tr.y[0] == "superclass · moe")
+    assert list(np.round(dots.x, 6)) == [-2.0, 0.0, -1.0]
+    token = next(tr for tr in means if tr.y[0].startswith("per-token"))
+    assert token.x[0] == pytest.approx(5.0) and "not paired" in token.hovertemplate
 
 
 def test_checkpoint_table_recomputes_what_the_card_lacks(tmp_path, data):

@@ -244,6 +244,8 @@ def test_optional_routing_sections_render(app_env):
 def test_tradeoff_sweep_and_method_comparison_render(app_env):
     at = _select(_app("tradeoff"), "samples/vmoe-4x32-e4k2")
     assert len(_table_with(at, "pareto")) == len(FAMILIES)
+    shape = next(s for s in at.selectbox if s.label == "Shape")      # the routers of one shape side by side
+    assert shape.options == ["synthetic, 2x32"]
     _toggle(at, "Run the sweep")
     _no_exception(at, "sweep")
     sweep = _table_with(at, "drop_rate")

@@ -339,12 +339,14 @@ def _models_to_train(cfg, dense: str, moe: str) -> dict:
 
 
 def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict, method: str) -> dict:
+    from .models.config import router_kind
+
     card = read_card(out / name)
     model = card["config"]
     return {
         "dataset": cfg.dataset, "model": name, "preset": preset, "family": model["family"],
         "E": model["num_experts"] or "", "k": model["top_k"] if model["num_experts"] else "",
-        "router": _router_kind(model),
+        "router": router_kind(model),
         "test_accuracy": round(ev["test_accuracy"], 5), "fit_accuracy": _round(ev.get("fit_accuracy"), 5),
         "macs_active": int(ev["macs_active"]),
         "params_active": ev["params_active"], "params_total": ev["params_total"],
@@ -353,21 +355,6 @@ def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict,
         "clustering": method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
         "run_dir": str((out / name).resolve()),   # the key a resumed run replaces its rows by
     }
-
-
-def _router_kind(model: dict) -> str:
-    """How a model routes, as the tables say it: '' (dense), 'per-token', 'end-to-end', or 'superclass'
-    (with its lambda where that is not ModelConfig's default, so a dose of the loss is its own cell)."""
-    from .models.config import ModelConfig
-
-    if model["family"] == "vmoe":
-        return "per-token"
-    if model["family"] != "mvmoe":
-        return ""
-    if not model.get("superclasses"):
-        return "end-to-end"
-    weight = model.get("superclass_loss_weight", ModelConfig.superclass_loss_weight)
-    return "superclass" if weight == ModelConfig.superclass_loss_weight else f"superclass, λ = {weight:g}"
 
 
 def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, clustering: dict,

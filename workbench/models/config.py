@@ -240,6 +240,20 @@ def preset_name(family: str, depth: int, width: int, num_experts: int = 0, top_k
     return f"{family}-{int(depth)}x{int(width)}-e{int(num_experts)}k{int(top_k)}"
 
 
+def router_kind(config: dict) -> str:
+    """How a model (its card's config) routes, as tables and charts name it: '' (dense), 'per-token',
+    'end-to-end', or 'superclass' (with its lambda where that is not the default, so a dose of the
+    super-class loss is its own cell)."""
+    if config.get("family") == "vmoe":
+        return "per-token"
+    if config.get("family") != "mvmoe":
+        return ""
+    if not config.get("superclasses"):
+        return "end-to-end"
+    weight = config.get("superclass_loss_weight", ModelConfig.superclass_loss_weight)
+    return "superclass" if weight == ModelConfig.superclass_loss_weight else f"superclass, λ = {weight:g}"
+
+
 def paper_grid_presets() -> list[str]:
     """The Mobile V-MoE paper's dense grid: depth x width."""
     return [f"vit-{l}x{d}" for l in PAPER_DEPTHS for d in PAPER_WIDTHS]

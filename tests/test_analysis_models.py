@@ -301,6 +301,17 @@ def test_routers_of_one_shape_are_compared_paired_and_in_the_papers_order():
     assert token.x[0] == pytest.approx(5.0) and "not paired" in token.hovertemplate
 
 
+def test_the_frontier_joins_the_seed_means_that_are_drawn():
+    # the shipped checkpoint is one seed; the marker is the mean over seeds, and so is the frontier
+    t = checkpoint_table([seeded(card("dense", "vit", 0.80, 100), [0.0, 0.02, 0.04]),
+                          seeded(card("big", "vit", 0.83, 200), [0.03, 0.05, 0.04])])
+    fig = tradeoff_figure(t)
+    dense = next(tr for tr in fig.data if tr.name == "dense")
+    frontier = next(tr for tr in fig.data if tr.name == "Pareto frontier")
+    assert list(np.round(frontier.y, 6)) == list(np.round(dense.y, 6)) == [0.82, 0.84]
+    assert fig.layout.yaxis.tickformat == ".1%"     # accuracies half a point apart get distinct labels
+
+
 def test_checkpoint_table_recomputes_what_the_card_lacks(tmp_path, data):
     from workbench.checkpoint import save_checkpoint
 

@@ -1,8 +1,25 @@
 """Shared test setup: every test session gets its own disk cache, so tests never read a cache left
-by an earlier run (or by the app) and never write into the repository's .cache."""
+by an earlier run (or by the app) and never write into the repository's .cache.
+
+The suite runs in two pytest-xdist workers, one test file per worker at a time (pyproject's
+addopts): most tests are single-threaded Python (app renders, subprocess waits), so two workers
+fill both cores. Each worker is pinned to its share of the cores, and so is everything it starts
+(training sizes its threads by the affinity mask): without that, two workers training at once ran
+four threads on two cores, and the slowest file took four times as long.
+"""
+import os
+
 import pytest
+import torch
 
 from workbench import jobs
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")          # "gw0", "gw1", ... under xdist
+if _WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    _mine = _cores[int(_WORKER[2:])::int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))] or _cores
+    os.sched_setaffinity(0, _mine)
+    torch.set_num_threads(len(_mine))
 
 
 @pytest.fixture(scope="session", autouse=True)

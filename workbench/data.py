@@ -727,8 +727,9 @@ def _write_cache(entry: Path, arrays: dict, meta: dict) -> None:
 def _decode_workers(n: int) -> int:
     if n < PARALLEL_MIN_IMAGES or "fork" not in multiprocessing.get_all_start_methods():
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8, math.ceil(n / DECODE_CHUNK)))
+    from .device import usable_cores
+
+    return max(1, min(usable_cores(), 8, math.ceil(n / DECODE_CHUNK)))
 
 
 def _decode_images(files: Sequence[str], mode: str, wh: tuple[int, int]) -> np.ndarray:

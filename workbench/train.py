@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from . import __version__, snapshots, superclass_map
 from .checkpoint import TRAIN_STATE, load_train_state, read_card, read_train_info, save_checkpoint, save_train_state
 from .data import heldout_split, load_dataset, normalize
-from .device import autocast, cpu_has_native_bf16, resolve_device, resolve_precision  # noqa: F401 (public)
+from .device import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, usable_cores  # noqa: F401 (public)
 from .evaluate import eval_record, evaluate, to_batch  # noqa: F401 (evaluate is public here)
 from .flops import count_macs
 from .models import build_model
@@ -198,8 +198,7 @@ def setup_processes(cfg: TrainConfig) -> Processes:
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cfg.threads or max(1, cores // local_world))
+    torch.set_num_threads(cfg.threads or max(1, usable_cores() // local_world))
     return Processes(world, rank, device, resolve_precision(cfg.precision, device))
 
 

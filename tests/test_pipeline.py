@@ -144,7 +144,10 @@ def test_grid_reports_every_seed_and_the_spread(grid_dir):
     dose_card = read_card(base / "runs" / "2x32" / "seed-0" / "mvmoe-2x32-e4k1-lambda0.1")
     assert dose_card["config"]["superclass_loss_weight"] == 0.1 and dose_card["config"]["superclasses"]
     assert read_card(base / "runs" / "2x32" / "seed-0" / "moe")["config"]["superclass_loss_weight"] == 0.3
-    assert "| mvmoe-2x32-e4k1-lambda0.1 | superclass, λ = 0.1 | 2 |" in table
+    assert "| mvmoe-2x32-e4k1-lambda0.1 | superclass, λ = 0.1 | scratch | plain: 1 ep, none | 2 |" in table
+    # every paired difference carries its 95 % t-interval and how many seeds were above the baseline
+    moe_row = next(line for line in table.splitlines() if "| mvmoe-2x32-e4k1 |" in line)
+    assert "95 % CI [" in moe_row and "seeds > 0 (n = 2)" in moe_row
     # synthetic has designed groups: the dense row says how well each seed's super-classes recover them
     dense_row = next(line for line in table.splitlines() if "| vit-2x32 |" in line).strip("|").split("|")
     ari, nmi = (float(v.split("±")[0]) for v in dense_row[-1].split("/"))
@@ -312,3 +315,31 @@ def test_the_grid_table_reads_large_reports_and_names_a_damaged_one(tmp_path, ca
         (folder / "report.json").write_text(text)
     assert list(grid.finished_reports(tmp_path, cells)) == [("2x32", 0)]
     assert "seed-1" in capsys.readouterr().err
+
+
+def test_upcycling_and_maps_of_other_sizes_extend_a_finished_run(run_dir, tmp_path):
+    """From the trained dense baseline: 1 more epoch as dense and as the upcycled MoE (paired with
+    that continued dense model, equal total training), and a MoE with its own map at E = 2."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    extras = ["--extra", "mvmoe-4x64-e4k1:upcycle=1:lr=5e-4", "--extra", "mvmoe-4x64-e2k1"]
+    assert pipeline.main(["--dataset", "synthetic", "--out", str(out), "--epochs", "3", "--quiet", *extras]) == 0
+    rows = {r["model"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    up, cont = rows["mvmoe-4x64-e4k1-upcycle1-lr0.0005"], rows["vit-4x64-continue1-lr0.0005"]
+    assert (up["init"], up["baseline"], cont["init"], cont["baseline"]) == \
+        ("upcycle", "vit-4x64-continue1-lr0.0005", "continue", "dense")
+    dense_sha = read_card(out / "dense")["weights"]["sha256"]
+    for name in (up["model"], cont["model"]):
+        card = read_card(out / name)
+        assert card["parent"]["sha256"] == dense_sha and card["training"]["epochs"] == 1
+        assert card["training"]["lr"] == 5e-4
+    assert read_card(out / up["model"])["config"]["renormalize_gates"] is True
+    # its own map at E = 2, from the same held-out confusion graph
+    e2 = json.loads((out / "superclasses-e2-auto.json").read_text())
+    assert sorted(set(e2["classes"].values())) == [0, 1]
+    assert read_card(out / "mvmoe-4x64-e2k1")["config"]["superclasses"] == [e2["classes"][c] for c in
+                                                                             read_card(out / "dense")["classes"]]
+    table = grid.grid_table(grid.grid_rows({("4x64", 0): json.loads((out / "report.json").read_text())}))
+    assert "vs vit-4x64-continue1-lr0.0005" in table     # the upcycled row is paired with the continued dense

@@ -25,7 +25,7 @@ from . import safejson
 from .checkpoint import SEED_METRICS
 from .pipeline import SHORT_NAMES, export, router_column, run, write_csv
 from .pipeline_config import PipelineConfig, dense_shape, parse_extra
-from .runs import RunBusy, atomic_copy, atomic_write_bytes, is_finished
+from .runs import RunBusy, atomic_write_bytes, is_finished
 
 SAMPLE_GRID = {
     # size: (dense preset, seeds, extra models at this size)
@@ -43,12 +43,28 @@ GRID_RECIPE = {"epochs": 25, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0
 TINY_IMAGENET_GRID = {"6x64": ("vit-6x64", 2, ["mvmoe-6x64-e10k1:e2e", "vmoe-6x64-e10k1"])}
 TINY_IMAGENET_RECIPE = {"epochs": 15, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1, "augmentation": "flip",
                         "num_groups": 10}
+# When does per-image routing pay off (issue 32)? One recipe for dense and MoE alike against the per-image
+# experts' overfitting: mixup, random crop + flip, dropout in every MLP and expert (V-MoE's from-scratch
+# ImageNet recipe has mixup and expert dropout) and a longer schedule. Then, from each seed's dense model,
+# 10 more epochs as dense and as the upcycled super-class MoE (equal total training).
+# (lr 1e-3 for the 10 more epochs: a trained model restarted at the first peak forgets part of what it learnt)
+TINY_IMAGENET_REGULARISED_GRID = {"6x64": ("vit-6x64", 3, ["vit-6x64:continue=10:lr=1e-3",
+                                                           "mvmoe-6x64-e10k1:upcycle=10:lr=1e-3"])}
+TINY_IMAGENET_REGULARISED_RECIPE = {"epochs": 40, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1,
+                                    "augmentation": "crop-flip", "mixup_alpha": 0.2, "mlp_dropout": 0.1,
+                                    "num_groups": 10}
+GRIDS = {   # (--grid, dataset) -> (cells, recipe); a dataset without its own grid takes Fashion-MNIST's
+    ("samples", "tiny-imagenet"): (TINY_IMAGENET_GRID, TINY_IMAGENET_RECIPE),
+    ("regularised", "tiny-imagenet"): (TINY_IMAGENET_REGULARISED_GRID, TINY_IMAGENET_REGULARISED_RECIPE),
+}
 
 
-def sample_grid(dataset: str) -> tuple[dict, dict]:
-    """(grid, recipe) of `--grid samples` for a dataset: Tiny ImageNet's own, else the Fashion-MNIST one."""
-    if dataset == "tiny-imagenet":
-        return TINY_IMAGENET_GRID, TINY_IMAGENET_RECIPE
+def sample_grid(dataset: str, name: str = "samples") -> tuple[dict, dict]:
+    """(grid, recipe) of `--grid NAME` for a dataset: its own where it has one, else the Fashion-MNIST one."""
+    if (name, dataset) in GRIDS:
+        return GRIDS[(name, dataset)]
+    if name != "samples":
+        raise ValueError(f"--grid {name}: defined for {sorted(d for n, d in GRIDS if n == name)} only")
     return SAMPLE_GRID, GRID_RECIPE
 
 
@@ -75,51 +91,75 @@ def _pm(values: list, scale: float = 100, digits: int = 2, sign: bool = False, c
 
 def grid_rows(reports: dict) -> list:
     """One row per (size, seed, model) from {(size, seed): report}; each row also carries the
-    paired difference to the dense model of the same size and seed (same data order)."""
+    paired difference to its baseline of the same size and seed (same data order, same initial
+    weights for every shared tensor): the dense model, or for an upcycled MoE the dense model
+    continued as long."""
     rows = []
     for (size, seed), report in sorted(reports.items()):
-        dense = next((r for r in report["rows"] if r["model"] == "dense"), None)
+        by_name = {r["model"]: r for r in report["rows"]}
         for r in report["rows"]:
-            rows.append({"size": size, "seed": seed, **r, "delta_vs_dense": _paired(r, dense, "test_accuracy"),
-                         "fit_delta_vs_dense": _paired(r, dense, "fit_accuracy")})
+            base = by_name.get(r.get("baseline") or "dense")
+            rows.append({"size": size, "seed": seed, **r, "delta_vs_dense": _paired(r, base, "test_accuracy"),
+                         "fit_delta_vs_dense": _paired(r, base, "fit_accuracy")})
     return rows
 
 
-def _paired(row: dict, dense: Optional[dict], key: str) -> Optional[float]:
-    """row[key] - dense[key] for a model paired with its seed's dense twin; None for dense itself or a gap."""
-    if dense is None or row["model"] == "dense" or row.get(key) is None or dense.get(key) is None:
+def _paired(row: dict, base: Optional[dict], key: str) -> Optional[float]:
+    """row[key] - base[key] for a model paired with its seed's baseline; None for a baseline itself or a gap."""
+    if base is None or row is base or row.get(key) is None or base.get(key) is None:
         return None
-    return round(row[key] - dense[key], 5)
+    return round(row[key] - base[key], 5)
+
+
+def _interval(values: list) -> str:
+    """A paired difference as every table states it: mean ± std, 95 % t-interval, seeds > 0, n."""
+    from analysis.paired import paired_difference
+
+    return paired_difference(values).text()
+
+
+def _gap(row: dict) -> Optional[float]:
+    """fit − test: accuracy on trained-on images minus test accuracy (overfitting shows here)."""
+    if row.get("fit_accuracy") is None or row.get("test_accuracy") is None:
+        return None
+    return row["fit_accuracy"] - row["test_accuracy"]
+
+
+def cell_key(row: dict) -> tuple:
+    """A grid cell: one (size, model, recipe, init) trained at several seeds."""
+    return row["size"], row["model"], row.get("recipe") or "", row.get("init") or "scratch"
 
 
 def grid_table(rows: list) -> str:
-    """Markdown: per size and model, mean ± std over the seeds done so far (n = seeds), the paired
-    difference to dense per seed, the accuracy on trained-on images (fit) and its paired difference
-    (below dense: the model underfits, whatever the test split says), MACs, params and training
-    time; on the dense row, how well the super-classes found from its confusion match the
-    dataset's reference grouping (ARI / NMI)."""
+    """Markdown: per cell (size, model, recipe, init), mean ± std over the seeds done so far (n =
+    seeds); the paired difference to the cell's baseline with its 95 % t-interval and how many
+    seeds were above it; the accuracy on trained-on images (fit), fit − test (the overfitting
+    gap) and the fit's paired difference; MACs, params and training time; on the dense row, how
+    well the super-classes found from its confusion match the dataset's reference grouping."""
     cells: dict = {}
     for r in rows:
-        cells.setdefault((r["size"], r["model"]), []).append(r)
-    lines = ["| size | model | router | seeds | test acc (%) | Δ vs dense, paired (points) | per-seed Δ | "
-             "fit acc, trained-on images (%) | fit Δ vs dense, paired (points) | "
-             "router acc vs super-classes (%) | perfect-router acc (%) | MACs/img | params active / total | "
-             "train wall time (min) | super-classes vs reference: ARI / NMI |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (size, model), rs in cells.items():
+        cells.setdefault(cell_key(r), []).append(r)
+    lines = ["| size | model | router | init | recipe | seeds | test acc (%) | Δ vs baseline, paired (points): "
+             "mean ± std, 95 % CI, seeds > 0 | per-seed Δ | fit acc, trained-on images (%) | fit − test (points) | "
+             "fit Δ vs baseline, paired (points) | router acc vs super-classes (%) | perfect-router acc (%) | "
+             "MACs/img | params active / total | train wall time (min) | super-classes vs reference: ARI / NMI |",
+             "|---|---|---|---|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for (size, model, recipe, init), rs in cells.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         first = rs[0]
         router, prefix = router_column(first)
         per_seed = ", ".join(f"s{r['seed']}: {100 * r['delta_vs_dense']:+.2f}" for r in rs
                              if r["delta_vs_dense"] is not None)
+        baseline = first.get("baseline") or "dense"
         lines.append(
             f"| {size} | {model if model not in ('dense', 'moe') else first['preset']} | "
-            f"{first['router'] or 'dense'} | {len(rs)} | {_pm([r['test_accuracy'] for r in rs])} | "
-            f"{_pm([r['delta_vs_dense'] for r in rs], sign=True) if model != 'dense' else ''} | {per_seed} | "
-            f"{_pm([r.get('fit_accuracy') for r in rs])} | {_pm([r.get('fit_delta_vs_dense') for r in rs], sign=True)} | "
+            f"{first['router'] or 'dense'} | {init} | {recipe} | {len(rs)} | {_pm([r['test_accuracy'] for r in rs])} | "
+            f"{_interval([r['delta_vs_dense'] for r in rs]) + (f' vs {baseline}' if baseline != 'dense' else '')} | "
+            f"{per_seed} | {_pm([r.get('fit_accuracy') for r in rs])} | "
+            f"{_pm([_gap(r) for r in rs], count=False)} | {_interval([r.get('fit_delta_vs_dense') for r in rs])} | "
             f"{prefix}{_pm([r.get(router) for r in rs])} | "
-            f"{_pm([r['oracle_routing_accuracy'] for r in rs])} | {first['macs_active'] / 1e6:.2f} M | "
-            f"{first['params_active'] / 1e6:.2f} M / {first['params_total'] / 1e6:.2f} M | "
+            f"{_pm([r.get('oracle_routing_accuracy') for r in rs])} | {float(first['macs_active']) / 1e6:.2f} M | "
+            f"{float(first['params_active']) / 1e6:.2f} M / {float(first['params_total']) / 1e6:.2f} M | "
             f"{_pm([r.get('train_wall_time_s') for r in rs], scale=1 / 60, digits=0, count=False)} | "
             f"{_agreement(rs) if model == 'dense' else ''} |")
     return "\n".join(lines) + "\n"
@@ -141,7 +181,8 @@ def median_seed(rows: list) -> int:
 
 def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
     """grid-results.csv and grid.md from every finished (size, seed) so far; with --export, the
-    median-seed checkpoint of each (size, model) with every seed's metrics in its card."""
+    median-seed checkpoint of each (size, model) with every seed's metrics in its card, and the
+    dataset's shipped tables, which also keep the rows of its other grids (other folders)."""
     rows = grid_rows(reports)
     if not rows:
         return
@@ -150,6 +191,56 @@ def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
     atomic_write_bytes(base / "grid.md", grid_table(rows).encode("utf-8"))
     if not cfg.export:
         return
+    _export_checkpoints(cfg, base, reports, rows)
+    short = SHORT_NAMES.get(cfg.dataset, cfg.dataset)      # one folder can hold several datasets' grids
+    shipped = Path(cfg.export) / f"{short}-grid-results.csv"
+    others = [r for r in read_rows(shipped, cfg.dataset) if not _under(r.get("run_dir"), base)]
+    every = others + rows
+    write_csv(shipped, every, list(dict.fromkeys(k for r in every for k in r)))
+    atomic_write_bytes(Path(cfg.export) / f"{short}-grid.md", grid_table(every).encode("utf-8"))
+
+
+def _under(run_dir, base: Path) -> bool:
+    return bool(run_dir) and Path(run_dir).resolve().is_relative_to(base.resolve())
+
+
+def read_rows(path: Path, dataset: str) -> list:
+    """A shipped grid CSV as rows (numbers as numbers, empty cells None). Rows written before the
+    init and recipe columns existed trained from scratch, each MoE from its own draw of the shared
+    weights (before the dense-twin pairing), with the dataset's sample-grid recipe."""
+    import csv
+
+    from .pipeline import recipe_label
+
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        raw = list(csv.DictReader(f))
+    recipe = {k: v for k, v in sample_grid(dataset)[1].items() if k != "num_groups"}
+    rows = []
+    for r in raw:
+        row = {k: _number(v) for k, v in r.items()}
+        row["seed"] = int(row["seed"])
+        row.setdefault("init", "scratch, unshared init" if row.get("family") != "vit" else "scratch")
+        row.setdefault("recipe", recipe_label({**recipe, "epochs": row.get("epochs")}))
+        row.setdefault("baseline", "dense")
+        rows.append(row)
+    return rows
+
+
+def _number(text):
+    if text in ("", None):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def _export_checkpoints(cfg: PipelineConfig, base: Path, reports: dict, rows: list) -> None:
     dest = Path(cfg.export)
     for size in dict.fromkeys(r["size"] for r in rows):
         by_model: dict = {}
@@ -162,9 +253,6 @@ def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
         # (paired with it: same data order); every seed's numbers are in the cards and the CSV
         chosen = median_seed(by_model["dense"])
         export(seed_dir(base, size, chosen), dest, reports[(size, chosen)], seeds)
-    short = SHORT_NAMES.get(cfg.dataset, cfg.dataset)      # one folder can hold several datasets' grids
-    atomic_copy(results, dest / f"{short}-grid-results.csv")
-    atomic_copy(base / "grid.md", dest / f"{short}-grid.md")
 
 
 # ----------------------------------------------------------------------------- running it
@@ -179,7 +267,7 @@ def run_grid(cfg: PipelineConfig) -> None:
     everything finished so far, so a grid resumed over many sessions always shows how many seeds
     each cell has."""
     base = Path(cfg.out)
-    grid, grid_recipe = sample_grid(cfg.dataset)
+    grid, grid_recipe = sample_grid(cfg.dataset, cfg.grid)
     recipe = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in grid_recipe.items()}
     for depth in range(1 + max(len(extras) for _, _, extras in grid.values())):   # extras trained so far
         for size, (dense, n_seeds, extras) in grid.items():
@@ -231,18 +319,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workbench.grid", description=main.__doc__)
     p.add_argument("--dataset", default="fashion-mnist", help="whose grid: fashion-mnist or tiny-imagenet")
     p.add_argument("--out", required=True, metavar="DIR", help="the grid's folder (--out of --grid samples)")
+    p.add_argument("--grid", default="samples", choices=("samples", "regularised"), help="which grid of the dataset")
     p.add_argument("--export", default=None, metavar="DIR", help="ship the median seeds and the tables here")
     ns = p.parse_args(argv)
     base = Path(ns.out)
     if not base.is_dir():
         print(f"error: {base} is not a folder", file=sys.stderr)
         return 2
-    grid, _ = sample_grid(ns.dataset)
+    grid, _ = sample_grid(ns.dataset, ns.grid)
     reports = finished_reports(base, grid)
     if not reports:
         print(f"error: no finished pipeline under {base} (looked for <size>/seed-<s>/report.json)", file=sys.stderr)
         return 2
-    write_grid(PipelineConfig(dataset=ns.dataset, out=str(base), export=ns.export), base, reports)
+    write_grid(PipelineConfig(dataset=ns.dataset, out=str(base), export=ns.export, grid=ns.grid), base, reports)
     print(grid_table(grid_rows(reports)))
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -33,8 +34,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .checkpoint import ROUTER_METRICS, read_card, router_score
-from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, default_num_groups,  # noqa: F401
-                              from_args, parse_extra)
+from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, continued_dense,  # noqa: F401
+                              default_num_groups, from_args, parse_extra, upcycle_overrides)
 from . import snapshots
 from .runs import atomic_copy, atomic_write_bytes, atomic_write_json, is_finished, read_json
 
@@ -80,18 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=None, help="default: workbench.train's (0.1)")
     p.add_argument("--augmentation", choices=("crop-flip", "flip", "none"), default=None,
                    help="training augmentation (default: workbench.train's, crop-flip)")
+    p.add_argument("--mixup-alpha", type=float, default=None, metavar="ALPHA",
+                   help="mixup's Beta(ALPHA, ALPHA) for every model (default: workbench.train's, off)")
+    p.add_argument("--mlp-dropout", type=float, default=None, metavar="P",
+                   help="dropout in every MLP and expert (V-MoE's expert dropout; default 0)")
+    p.add_argument("--moe-init", choices=("scratch", "upcycle"), default="scratch",
+                   help="scratch: the MoE starts from its dense twin's initial weights; upcycle: from the "
+                        "trained dense baseline (sparse upcycling), trained --epochs beside the dense "
+                        "continued as long (the fair baseline at equal total training)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for training (default: all cores); two pipelines side by side on a "
                         "small CPU each take half")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--extra", action="append", default=[], metavar="PRESET[:e2e|:lambda=X]",
+    p.add_argument("--extra", action="append", default=[], metavar="PRESET[:MODE...]",
                    help="also train this preset with the same recipe (e.g. vmoe-6x96-e8k2; "
                         "mvmoe-6x96-e4k1:e2e for an end-to-end router without super-classes; "
-                        "mvmoe-6x96-e4k1:lambda=0.1 for a super-class router with its own lambda)")
+                        "mvmoe-6x96-e4k1:lambda=0.1 for a super-class router with its own lambda; "
+                        "mvmoe-6x96-e2k1 for a map at E = 2; mvmoe-6x96-e4k1:method=kernighan-lin for a "
+                        "balanced map; vit-6x96:continue=10 and mvmoe-6x96-e4k1:upcycle=10 to continue / "
+                        "upcycle the dense baseline for 10 epochs)")
     p.add_argument("--results", default=None, metavar="CSV",
                    help="results CSV for this run's rows; a rerun replaces its own (default OUT/results.csv)")
-    p.add_argument("--grid", choices=("samples",), default=None, help="run the sample-checkpoint grid into OUT/<size>/")
+    p.add_argument("--grid", choices=("samples", "regularised"), default=None,
+                   help="run a grid of workbench/grid.py into OUT/<size>/seed-<s>/: 'samples' (the sample "
+                        "checkpoints) or 'regularised' (Tiny ImageNet: the regularised recipe, then 10 more epochs "
+                        "as dense and as the upcycled MoE)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="copy every finished checkpoint (weights + card) and the run's reports into DIR, "
                         "named like the shipped samples (e.g. DIR/fmnist-vit-6x64)")
@@ -106,12 +121,13 @@ def _say(cfg: PipelineConfig, msg: str) -> None:
 
 def _train_stage(cfg: PipelineConfig, out: Path, m: ModelRun) -> dict:
     """Train one model into OUT/<its name>, resuming an unfinished run; skip a finished one. A guided
-    model reads OUT/superclasses.json, with its own lambda (`--extra PRESET:lambda=X`) or the run's."""
+    model reads its super-class map (`map_path`), with its own lambda (`--extra PRESET:lambda=X`) or
+    the run's; a continued or upcycled one starts from OUT/dense."""
     from .checkpoint import TRAIN_STATE
     from .train import train
     from .train_config import TrainConfig, model_from_preset
 
-    run_dir, superclasses = out / m.name, out / "superclasses.json" if m.guided else None
+    run_dir, superclasses = out / m.name, map_path(cfg, out, m) if m.guided else None
     if is_finished(run_dir):
         _say(cfg, f"{run_dir.name}: finished earlier, skipped")
         return read_card(run_dir)
@@ -119,12 +135,27 @@ def _train_stage(cfg: PipelineConfig, out: Path, m: ModelRun) -> dict:
     overrides = {} if superclasses is None or weight is None else {"superclass_loss_weight": weight}
     resume = (run_dir / TRAIN_STATE).exists()
     recipe = {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k) is not None}
-    stage = TrainConfig(model=model_from_preset(m.preset, overrides), dataset=cfg.dataset, data_root=cfg.data_root,
+    recipe["epochs"] = m.epochs or cfg.epochs
+    recipe["lr"] = m.lr or recipe.get("lr")
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    model = model_from_preset(m.preset, {**overrides, **cfg.model_overrides(), **upcycle_overrides(m)})
+    stage = TrainConfig(model=model, dataset=cfg.dataset, data_root=cfg.data_root,
                         superclasses=str(superclasses) if superclasses else None, holdout=cfg.holdout,
                         seed=cfg.seed, precision=cfg.precision, out=str(run_dir), resume=resume, quiet=cfg.quiet,
-                        **recipe).validate()
-    _say(cfg, f"{run_dir.name}: {'resuming' if resume else 'training'} {m.preset} for {cfg.epochs} epochs")
+                        init_from=str(out / "dense") if m.init != "scratch" else None, **recipe).validate()
+    _say(cfg, f"{run_dir.name}: {'resuming' if resume else 'training'} {m.preset} for {recipe['epochs']} epochs"
+              + (f", {m.init}d from dense" if m.init != "scratch" else ""))
     return train(stage)["card"]
+
+
+def map_path(cfg: PipelineConfig, out: Path, m: ModelRun) -> Path:
+    """The super-class map a guided model trains on: the run's superclasses.json, or, for a model
+    asking for another E or clustering method, superclasses-e<E>-<method>.json from the same
+    held-out confusion graph (stage 3 writes them all)."""
+    E, method = m.num_groups or cfg.num_groups, m.method or cfg.method
+    if E == cfg.num_groups and method == cfg.method:
+        return out / "superclasses.json"
+    return out / f"superclasses-e{E}-{method}.json"
 
 
 def _patch_card(run_dir: Path, **fields) -> None:
@@ -140,10 +171,11 @@ FIT_SAMPLE = 10_000   # trained-on images the fit accuracy is measured on
 EVALUATION_VERSION = 2
 
 
-def evaluate_all(out: Path, runs: dict, test_set, superclasses: list, fit_set) -> dict:
+def evaluate_all(out: Path, runs: dict, test_set, superclasses: dict, fit_set) -> dict:
     """Stage 5, evaluation.json: each model's `evaluate_checkpoint`, reused when the same weights
     (the card's sha256) were evaluated by this EVALUATION_VERSION, since a resumed grid passes
-    every finished seed again and two workers would otherwise both re-evaluate it."""
+    every finished seed again and two workers would otherwise both re-evaluate it. `superclasses`:
+    name -> the map its router is scored against (its own)."""
     earlier = read_json(out / "evaluation.json") or {}
     evaluation = {}
     for name in runs:
@@ -153,7 +185,7 @@ def evaluate_all(out: Path, runs: dict, test_set, superclasses: list, fit_set) -
                 and old.get("evaluation_version") == EVALUATION_VERSION:
             evaluation[name] = old
             continue
-        evaluation[name] = {**evaluate_checkpoint(out / name, test_set, superclasses, fit_set),
+        evaluation[name] = {**evaluate_checkpoint(out / name, test_set, superclasses[name], fit_set),
                             "weights_sha256": sha, "evaluation_version": EVALUATION_VERSION}
     kept = {k: v for k, v in earlier.items() if k not in evaluation}   # models this run did not ask for
     atomic_write_json(out / "evaluation.json", {**kept, **evaluation})
@@ -243,15 +275,41 @@ def run(cfg: PipelineConfig) -> dict:
     confusion = heldout_confusion(cfg, out, train_set)                 # 2. held-out confusion
     _say(cfg, f"held-out accuracy of the dense baseline: {100 * confusion['accuracy']:.2f}%")
     assignment, names, clustering = discover_superclasses(cfg, out, train_set, confusion, E)   # 3.
-    sc_card = {"assignment": assignment, "names": names, "method": clustering["method"]}
+    maps = {name: superclass_card(cfg, out, train_set, confusion, m) for name, m in runs.items() if m.guided}
     for name, m in runs.items():                                       # 4. MoE (+ extras)
         _train_stage(cfg, out, m)
         _patch_card(out / name, confusion={"split": "heldout", "model": "dense", "matrix": confusion["matrix"],
                                            "holdout": cfg.holdout},
-                    **({} if read_card(out / name).get("superclasses") else {"superclasses": sc_card}))
-    evaluation = evaluate_all(out, runs, test_set, assignment, trained_on_sample(cfg, train_set))   # 5.
+                    **({} if read_card(out / name).get("superclasses") else
+                       {"superclasses": maps.get(name) or {"assignment": assignment, "names": names,
+                                                           "method": clustering["method"]}}))
+    evaluation = evaluate_all(out, runs, test_set, {n: (maps.get(n) or {"assignment": assignment})["assignment"]
+                                                    for n in runs}, trained_on_sample(cfg, train_set))   # 5.
     return write_report(cfg, out, runs, evaluation, confusion, clustering, classes, E,   # 6.
                         {"assignment": assignment, "names": names}, t0)
+
+
+def superclass_card(cfg, out: Path, train_set, confusion: dict, m: ModelRun) -> dict:
+    """The map a guided model trains on, as its card holds it (assignment, names, method): the run's,
+    or one at the model's own E or method, made here from the same held-out confusion graph."""
+    import numpy as np
+
+    from analysis.superclass_choice import choose_superclasses
+    from analysis.superclasses import group_names, superclass_map
+
+    from .superclass_map import load_superclass_map, save_superclass_map
+
+    classes, path = list(train_set.classes), map_path(cfg, out, m)
+    E, method = m.num_groups or cfg.num_groups, m.method or cfg.method
+    if not path.exists():
+        probe = router_probe(dataclasses.replace(cfg, num_groups=E, method=method), out, train_set)
+        choice = choose_superclasses(np.asarray(confusion["matrix"]), E, **probe, method=method,
+                                     reference=train_set.reference_groups, class_names=classes, seed=cfg.seed)
+        save_superclass_map(path, superclass_map(choice.assignment, classes, cfg.dataset, choice.method))
+        _say(cfg, f"{path.name}: {E} super-classes by {choice.method}")
+    assignment = load_superclass_map(path, classes)
+    method_used = json.loads(path.read_text()).get("method", method)
+    return {"assignment": assignment, "names": group_names(np.asarray(assignment), classes), "method": method_used}
 
 
 def dense_on_heldout(cfg, out: Path, train_set):
@@ -330,39 +388,57 @@ def router_probe(cfg: PipelineConfig, out: Path, train_set) -> dict:
 
 
 def _models_to_train(cfg, dense: str, moe: str) -> dict:
-    """name -> ModelRun: dense, moe and the --extra models."""
-    runs = {"dense": ModelRun("dense", dense, False), "moe": ModelRun("moe", moe, True)}
-    for spec in cfg.extra:
-        m = parse_extra(spec)
+    """name -> ModelRun: dense, moe and the --extra models, each upcycled model after the continued
+    dense model it is paired with (added when not asked for)."""
+    runs = {"dense": ModelRun("dense", dense, False)}
+    if cfg.moe_init == "upcycle":
+        runs["moe"] = ModelRun("moe", moe, True, init="upcycle", baseline=continued_dense(dense, cfg.epochs).name)
+    else:
+        runs["moe"] = ModelRun("moe", moe, True)
+    for m in [runs["moe"], *map(parse_extra, cfg.extra)]:
+        if m.baseline not in runs:
+            runs[m.baseline] = continued_dense(dense, m.epochs or cfg.epochs, m.lr)
         runs[m.name] = m
+    if cfg.moe_init == "upcycle":   # (the continued dense model goes before the MoE it is paired with)
+        runs = {"dense": runs.pop("dense"), runs["moe"].baseline: runs.pop(runs["moe"].baseline), **runs}
     return runs
 
 
-def _result_row(cfg, out: Path, name: str, preset: str, ev: dict, quality: dict, method: str) -> dict:
+def _result_row(cfg, out: Path, m: ModelRun, ev: dict, quality: dict, method: str) -> dict:
     from .models.config import router_kind
 
-    card = read_card(out / name)
-    model = card["config"]
+    card = read_card(out / m.name)
+    model, training = card["config"], card.get("training") or {}
     return {
-        "dataset": cfg.dataset, "model": name, "preset": preset, "family": model["family"],
+        "dataset": cfg.dataset, "model": m.name, "preset": m.preset, "family": model["family"],
         "E": model["num_experts"] or "", "k": model["top_k"] if model["num_experts"] else "",
-        "router": router_kind(model),
+        "router": router_kind(model), "init": m.init, "recipe": recipe_label(training), "baseline": m.baseline,
         "test_accuracy": round(ev["test_accuracy"], 5), "fit_accuracy": _round(ev.get("fit_accuracy"), 5),
         "macs_active": int(ev["macs_active"]),
         "params_active": ev["params_active"], "params_total": ev["params_total"],
         **{k: _round(ev.get(k)) for k in ROUTER_METRICS},
-        "train_wall_time_s": card.get("wall_time_s"), "epochs": cfg.epochs,
-        "clustering": method, "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
-        "run_dir": str((out / name).resolve()),   # the key a resumed run replaces its rows by
+        "train_wall_time_s": card.get("wall_time_s"), "epochs": training.get("epochs", cfg.epochs),
+        "clustering": (card.get("superclasses") or {}).get("method", method) if m.guided else method,
+        "ari": _round(quality.get("ari")), "nmi": _round(quality.get("nmi")),
+        "run_dir": str((out / m.name).resolve()),   # the key a resumed run replaces its rows by
     }
+
+
+def recipe_label(training: dict) -> str:
+    """A card's training recipe in a few words: 'regularised' (mixup or MLP dropout) or 'plain', the
+    epochs and the augmentation, e.g. 'regularised: 40 ep, crop-flip, mixup 0.2, dropout 0.1'."""
+    mixup, dropout = training.get("mixup_alpha") or 0, training.get("mlp_dropout") or 0
+    parts = [f"{training.get('epochs')} ep", training.get("augmentation") or "?"]
+    parts += [f"mixup {mixup:g}"] if mixup else []
+    parts += [f"dropout {dropout:g}"] if dropout else []
+    return f"{'regularised' if mixup or dropout else 'plain'}: {', '.join(parts)}"
 
 
 def write_report(cfg, out: Path, runs: dict, evaluation: dict, confusion: dict, clustering: dict,
                  classes: list, E: int, superclasses: dict, t0: float) -> dict:
     """results.csv rows, report.json and report.md."""
     quality = clustering["quality"]
-    rows = [_result_row(cfg, out, name, m.preset, evaluation[name], quality, clustering["method"])
-            for name, m in runs.items()]
+    rows = [_result_row(cfg, out, m, evaluation[name], quality, clustering["method"]) for name, m in runs.items()]
     _upsert_rows(Path(cfg.results) if cfg.results else out / "results.csv", rows)
     wall = round(time.time() - t0, 1)
     report = {

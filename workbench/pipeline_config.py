@@ -25,8 +25,9 @@ from .train_config import PRECISIONS, TrainConfig, _number, _whole, model_from_p
 DEFAULT_SHAPE = {"synthetic": (4, 64)}   # dense (depth, width) by dataset; others (6, 96)
 DEFAULT_EPOCHS = {"synthetic": 12}       # epochs per model by dataset; others 10
 OUTPUT_FIELDS = ("out", "results", "export")   # where a run writes (the jobs API sets only `out`)
-GRIDS = ("samples",)
-RECIPE_FIELDS = ("epochs", "batch_size", "lr", "label_smoothing", "augmentation", "threads")  # TrainConfig's fields
+GRIDS = ("samples", "regularised")   # workbench/grid.py defines them per dataset
+RECIPE_FIELDS = ("epochs", "batch_size", "lr", "label_smoothing", "augmentation", "mixup_alpha",
+                 "threads")  # TrainConfig's fields
 
 
 def default_num_groups(num_classes: int) -> int:
@@ -41,48 +42,119 @@ def clustering_methods() -> list[str]:
     return methods()
 
 
+INITS = ("scratch", "continue", "upcycle")   # how a ModelRun starts: its seed's init, or from OUT/dense
+
+
 @dataclass(frozen=True)
 class ModelRun:
     """One model a pipeline trains: its folder under OUT, its preset, whether the super-classes guide
-    its router, and its own lambda (None: the run's --superclass-loss-weight, else ModelConfig's)."""
+    its router, its own lambda (None: the run's --superclass-loss-weight, else ModelConfig's), how it
+    starts (`init`: from its seed, or from the trained OUT/dense: continued if dense, upcycled if a
+    MoE), its epochs (None: the run's), its own super-class map (`num_groups`, `method`; None: the
+    run's), and the model its paired difference is taken against (`baseline`)."""
 
     name: str
     preset: str
     guided: bool
     superclass_loss_weight: Optional[float] = None
+    init: str = "scratch"
+    epochs: Optional[int] = None
+    method: Optional[str] = None
+    baseline: str = "dense"
+    lr: Optional[float] = None
+    softmax_gate: bool = False          # an upcycled MoE keeps its router's softmax gate (not renormalised)
+
+    @property
+    def num_groups(self) -> Optional[int]:
+        """E of a per-image MoE (its map has E groups), None otherwise."""
+        from .models.config import parse_preset
+
+        return parse_preset(self.preset).get("num_experts") if self.preset.startswith("mvmoe") else None
+
+
+def continued_dense(preset: str, epochs: int, lr: Optional[float] = None) -> ModelRun:
+    """The dense model continued from OUT/dense for `epochs` (at `lr`): an upcycled MoE's fair
+    baseline (equal total training, same schedule and seed)."""
+    return ModelRun(f"{preset}-continue{epochs}" + (f"-lr{lr:g}" if lr else ""), preset, False, init="continue",
+                    epochs=epochs, lr=lr)
 
 
 def parse_extra(spec: str) -> ModelRun:
-    """`--extra PRESET[:e2e | :lambda=X]` -> the ModelRun it names.
+    """`--extra PRESET[:MODE[:MODE...]]` -> the ModelRun it names.
 
-    PRESET alone: trained like the main MoE (a per-image preset is guided by the super-classes);
-    `:e2e`: a per-image router with no super-class loss, folder PRESET-e2e; `:lambda=X`: guided
-    with lambda = X, folder PRESET-lambdaX, a dose of the super-class loss between the two
-    (lambda = 0 *is* the end-to-end router, so it is asked for as `:e2e`)."""
+    PRESET alone: trained like the main MoE (a per-image preset is guided by the super-classes; one
+    whose E differs from the run's gets its own map at that E, from the same confusion graph).
+    Modes, each adding to the folder name:
+    `e2e`: a per-image router with no super-class loss (folder PRESET-e2e);
+    `lambda=X`: guided with lambda = X (PRESET-lambdaX), a dose between e2e (lambda 0) and the run's;
+    `method=M`: its own map by clustering method M, e.g. kernighan-lin for near-equal groups;
+    `continue=N`: a dense preset continued from OUT/dense for N epochs (PRESET-continueN);
+    `upcycle=N`: a MoE upcycled from OUT/dense and trained N epochs, its gates renormalised (k = 1:
+    gate 1, so it starts exactly at dense), paired with the dense continued N epochs;
+    `softmax-gate` (with upcycle): keep the router's softmax gate instead;
+    `lr=X` (with continue or upcycle): its own peak learning rate (a trained model restarts lower)."""
     if not isinstance(spec, str):
         raise ValueError("--extra must be a list of presets")
-    preset, _, mode = spec.partition(":")
+    preset, *modes = spec.split(":")
     per_image = preset.startswith("mvmoe")
-    if mode == "":
-        run = ModelRun(preset, preset, per_image)
-    elif mode == "e2e":
-        run = ModelRun(preset + "-e2e", preset, False)
-    elif mode.startswith("lambda="):
-        if not per_image:
-            raise ValueError(f"--extra {spec!r}: lambda weighs the super-class loss of a per-image MoE (mvmoe-...)")
-        try:
-            weight = float(mode[len("lambda="):])
-        except ValueError:
-            raise ValueError(f"--extra {spec!r}: lambda must be a number") from None
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"--extra {spec!r}: lambda must be a finite number > 0 "
-                             f"(lambda = 0 is the end-to-end router: {preset}:e2e)")
-        run = ModelRun(f"{preset}-lambda{weight:g}", preset, True, weight)
-    else:
-        raise ValueError(f"--extra {spec!r}: the modes are ':e2e' and ':lambda=X'")
-    model_from_preset(run.preset, {} if run.superclass_loss_weight is None else
-                      {"superclass_loss_weight": run.superclass_loss_weight})   # an unknown preset fails now
+    fields: dict = {"name": preset, "preset": preset, "guided": per_image}
+    overrides: dict = {}
+    for mode in modes:
+        key, _, value = mode.partition("=")
+        if mode == "e2e" and per_image:
+            fields.update(name=fields["name"] + "-e2e", guided=False)
+        elif key == "lambda":
+            if not per_image:
+                raise ValueError(f"--extra {spec!r}: lambda weighs the super-class loss of a per-image MoE (mvmoe-...)")
+            weight = _extra_number(spec, value, float)
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"--extra {spec!r}: lambda must be a finite number > 0 "
+                                 f"(lambda = 0 is the end-to-end router: {preset}:e2e)")
+            fields.update(name=f"{fields['name']}-lambda{weight:g}", superclass_loss_weight=weight)
+            overrides["superclass_loss_weight"] = weight
+        elif key == "method" and per_image and value:
+            fields.update(name=f"{fields['name']}-{value}", method=value)
+        elif key in ("continue", "upcycle") and (key == "continue") == preset.startswith("vit"):
+            epochs = _extra_number(spec, value, int)
+            if epochs < 1:
+                raise ValueError(f"--extra {spec!r}: {key} needs a number of epochs >= 1")
+            fields.update(name=f"{fields['name']}-{key}{epochs}", init=key, epochs=epochs)
+            if key == "upcycle":
+                fields["baseline"] = "continue"      # named below, once its lr is known
+        elif mode == "softmax-gate" and "upcycle" in (m.partition("=")[0] for m in modes):
+            fields.update(name=fields["name"] + "-softmax-gate", softmax_gate=True)
+        elif key == "lr" and {"upcycle", "continue"} & {m.partition("=")[0] for m in modes}:
+            lr = _extra_number(spec, value, float)
+            if not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"--extra {spec!r}: lr must be a finite number > 0")
+            fields.update(name=f"{fields['name']}-lr{lr:g}", lr=lr)
+        else:
+            raise ValueError(f"--extra {spec!r}: the modes are ':e2e', ':lambda=X', ':method=M' (per-image MoE), "
+                             "':continue=N' (dense), ':upcycle=N' and ':softmax-gate' (MoE)")
+    if fields.get("baseline") == "continue":
+        fields["baseline"] = continued_dense(_dense_of(preset), fields["epochs"], fields.get("lr")).name
+    run = ModelRun(**fields)
+    model_from_preset(run.preset, overrides)   # an unknown preset fails now
     return run
+
+
+def upcycle_overrides(m: ModelRun) -> dict:
+    """Model options an upcycled run adds: gates renormalised unless it asked for the softmax gate."""
+    return {"renormalize_gates": True} if m.init == "upcycle" and not m.softmax_gate else {}
+
+
+def _dense_of(preset: str) -> str:
+    from .models.config import parse_preset, preset_name
+
+    shape = parse_preset(preset)
+    return preset_name("vit", shape["depth"], shape["width"])
+
+
+def _extra_number(spec: str, value: str, kind):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"--extra {spec!r}: {value!r} must be a number") from None
 
 
 @dataclass
@@ -104,13 +176,19 @@ class PipelineConfig:
     lr: Optional[float] = None
     label_smoothing: Optional[float] = None
     augmentation: Optional[str] = None      # crop-flip | flip | none
+    mixup_alpha: Optional[float] = None     # mixup's Beta(a, a) (None: TrainConfig's, off)
+    mlp_dropout: Optional[float] = None     # dropout in every MLP and expert (None: ModelConfig's, off)
+    moe_init: str = "scratch"               # the MoE starts from its seed (its dense twin's initial weights) or
+    #                                         "upcycle": from the trained dense baseline, beside the dense
+    #                                         continued as long (equal total training)
     precision: str = "auto"                 # auto | fp32 | bf16
     threads: Optional[int] = None           # torch CPU threads for training (None: all cores)
     seed: int = 0
     extra: list = field(default_factory=list)   # further presets trained with the same recipe, PRESET[:e2e|:lambda=X]
     out: Optional[str] = None               # the run directory (stages already there are skipped)
     results: Optional[str] = None           # results CSV this run's rows go to (None: OUT/results.csv)
-    grid: Optional[str] = None              # "samples": the sample-checkpoint grid into OUT/<size>/
+    grid: Optional[str] = None              # "samples" (the sample-checkpoint grid) or "regularised" (Tiny ImageNet's
+    #                                         regularised recipe + upcycling) into OUT/<size>/
     export: Optional[str] = None            # copy finished checkpoints and reports into this folder
     quiet: bool = False                     # no progress lines
 
@@ -129,6 +207,10 @@ class PipelineConfig:
         _number("holdout", self.holdout, 0.0, 1.0, lo_open=True, hi_open=True)  # the confusion needs images
         recipe = {k: getattr(self, k) for k in RECIPE_FIELDS if getattr(self, k) is not None}
         TrainConfig(**recipe).validate()    # the recipe's rules are TrainConfig's
+        if self.mlp_dropout is not None:
+            self.model_overrides()      # the dropout's range is ModelConfig's rule
+        if self.moe_init not in ("scratch", "upcycle"):
+            raise ValueError(f"--moe-init must be 'scratch' or 'upcycle', got {self.moe_init!r}")
         if self.superclass_loss_weight is not None:
             _number("superclass_loss_weight", self.superclass_loss_weight, -math.inf, math.inf)  # >= 0: ModelConfig
         if self.precision not in PRECISIONS:
@@ -180,7 +262,16 @@ class PipelineConfig:
         """The per-image MoE's ModelConfig (validated by ModelConfig itself)."""
         overrides = {} if self.superclass_loss_weight is None else \
             {"superclass_loss_weight": float(self.superclass_loss_weight)}
-        return model_from_preset(self.moe_preset, overrides)
+        return model_from_preset(self.moe_preset, {**overrides, **self.model_overrides()})
+
+    def model_overrides(self) -> dict:
+        """Model options every model of the run shares (the recipe's MLP dropout), checked by ModelConfig."""
+        if self.mlp_dropout is None:
+            return {}
+        from .models.config import ModelConfig
+
+        ModelConfig(mlp_dropout=self.mlp_dropout)
+        return {"mlp_dropout": self.mlp_dropout}
 
     def _shape(self) -> tuple[int, int]:
         depth, width = DEFAULT_SHAPE.get(self.dataset, (6, 96))

@@ -37,22 +37,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import __version__, snapshots, superclass_map
-from .checkpoint import TRAIN_STATE, load_train_state, read_card, read_train_info, save_checkpoint, save_train_state
+from .checkpoint import (TRAIN_STATE, load_checkpoint, load_train_state, read_card, read_train_info, save_checkpoint,
+                         save_train_state)
 from .data import heldout_split, load_dataset, normalize
 from .device import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, usable_cores  # noqa: F401 (public)
 from .evaluate import eval_record, evaluate, to_batch  # noqa: F401 (evaluate is public here)
 from .flops import count_macs
-from .models import build_model
+from .models.upcycle import paired_model, upcycle
 from .progress import Progress, fmt_time
 from .runs import RunBusy, RunLog, atomic_write_json, clean_temp_files, now_iso, training_pid, truncate_metrics
 from .train_config import TrainConfig, fit_to_dataset, from_args, parse_args, parse_overrides  # noqa: F401
 
-_RESUME_MUST_MATCH = ("model", "dataset", "holdout", "seed", "batch_size")
+_RESUME_MUST_MATCH = ("model", "dataset", "holdout", "seed", "batch_size", "parent_sha256")
 
 
 class TrainingError(RuntimeError):
@@ -66,6 +68,19 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def mixup(x, y, num_classes: int, alpha: float, seed: int) -> tuple:
+    """Mixup (Zhang et al., 2018): (blended images, targets). Each image is blended with the image
+    a seeded shuffle puts beside it, lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha) once per
+    batch; the targets are the same blend of the two one-hot labels. alpha 0: (x, y) unchanged.
+    The draw is a function of `seed` alone, so a resumed run blends exactly as before."""
+    if alpha <= 0:
+        return x, y
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    onehot = F.one_hot(y, num_classes).float()
+    return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]
 
 
 def param_groups(model, weight_decay: float) -> list:
@@ -180,6 +195,7 @@ class Run:
     start_step: int = 0
     window: dict = field(default_factory=dict)   # sums since the last train record
     routing_tables: Optional[dict] = None        # of the last evaluation in this process (for the card)
+    parent: Optional[dict] = None                # the --init-from checkpoint (for the card)
 
     def wall(self) -> float:
         return self.state.wall_before + time.time() - self.t_start
@@ -232,13 +248,33 @@ def build_data(cfg: TrainConfig, procs: Processes) -> Plan:
 
 
 def build_model_and_optimizer(cfg: TrainConfig, plan: Plan, procs: Processes):
-    """The model (same initial weights on every rank) and AdamW; -> (model, optimizer, macs)."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(plan.model_cfg).to(procs.device)
+    """The model (same initial weights on every rank) and AdamW; -> (model, optimizer, macs, parent).
+
+    A MoE starts from its dense twin's initial weights for every shared tensor (real pairing), or,
+    with --init-from, from a trained dense parent (sparse upcycling; a dense model continues it).
+    `parent` is what the card records of that parent (None without --init-from)."""
+    if cfg.init_from:
+        dense, parent = load_parent(cfg.init_from)
+        model = upcycle(dense, plan.model_cfg, cfg.seed)
+    else:
+        model, parent = paired_model(plan.model_cfg, cfg.seed), None
+    model = model.to(procs.device)
     macs = count_macs(model, plan.train_set.image_shape)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=procs.device.type == "cuda" or None)
-    return model, optimizer, macs
+    return model, optimizer, macs, parent
+
+
+def load_parent(path) -> tuple:
+    """The dense checkpoint of --init-from and what the card says of it: path, weights sha256, epochs."""
+    try:
+        dense, card = load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--init-from {path}: {e}") from None
+    training = card.get("training") or {}
+    return dense, {"path": str(Path(path).resolve()), "sha256": (card.get("weights") or {}).get("sha256"),
+                   "preset": card.get("preset"), "epochs": training.get("epochs"),
+                   "test_accuracy": (card.get("metrics") or {}).get("test_accuracy")}
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -248,10 +284,12 @@ def run_folder(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.preset}-{cfg.dataset.replace(':', '_').replace('/', '_')}-{stamp}"
 
 
-def run_spec(cfg: TrainConfig, plan: Plan) -> dict:
-    """What a resume must match: the model (as fitted to the data), data, split, seed, batch."""
+def run_spec(cfg: TrainConfig, plan: Plan, parent: Optional[dict] = None) -> dict:
+    """What a resume must match: the model (as fitted to the data), data, split, seed, batch, and
+    the weights of an --init-from parent."""
     return json.loads(json.dumps({"model": plan.model_cfg.to_dict(), "dataset": cfg.dataset,
-                                  "holdout": cfg.holdout, "seed": cfg.seed, "batch_size": plan.batch_size}))
+                                  "holdout": cfg.holdout, "seed": cfg.seed, "batch_size": plan.batch_size,
+                                  "parent_sha256": parent and parent["sha256"]}))
 
 
 def _comparable(saved: dict, spec: dict) -> dict:
@@ -337,13 +375,14 @@ def train_step(run: Run, order, i: int, epoch: int) -> dict:
     idx = order[i * plan.batch_size:(i + 1) * plan.batch_size][procs.rank::procs.world]
     x, y = to_batch(plan.train_set, idx, procs.device,
                     torch.Generator().manual_seed(_seed(cfg.seed, step, procs.rank, 1)), cfg.augmentation)
+    x, targets = mixup(x, y, plan.model_cfg.num_classes, cfg.mixup_alpha, _seed(cfg.seed, step, procs.rank, 3))
     torch.manual_seed(_seed(cfg.seed, step, procs.rank, 2))  # router noise
     lr = lr_at(step, plan.total_steps, plan.warmup, cfg.lr, cfg.min_lr)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     with autocast(procs.device, procs.amp_dtype):
-        out = run.model(x, return_routing=True, labels=y)
-    ce = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
+        out = run.model(x, return_routing=True, labels=targets)
+    ce = F.cross_entropy(out.logits.float(), targets, label_smoothing=cfg.label_smoothing)
     loss = ce + out.total_aux_loss.float()
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()   # NOTE: backward before the finiteness check, so DDP ranks never hang
@@ -420,9 +459,12 @@ def card_for(run: Run, metrics: dict) -> dict:
         "confusion": None, "history": run.state.history, "command": run.command,
         "wall_time_s": round(run.wall(), 1), "version": __version__,
         **({"routing_tables": run.routing_tables} if run.routing_tables else {}),
+        **({"parent": run.parent} if run.parent else {}),
         "training": {"epochs": plan.epochs, "steps": run.state.step, "batch_size": plan.batch_size, "lr": cfg.lr,
                      "min_lr": cfg.min_lr, "weight_decay": cfg.weight_decay, "warmup_steps": plan.warmup,
                      "label_smoothing": cfg.label_smoothing, "augmentation": cfg.augmentation,
+                     "mixup_alpha": cfg.mixup_alpha, "mlp_dropout": plan.model_cfg.mlp_dropout,
+                     "init": "upcycled" if run.parent else ("dense twin" if plan.model_cfg.is_moe else "seed"),
                      "seed": cfg.seed, "holdout": cfg.holdout,
                      "precision": "bf16" if run.procs.amp_dtype is not None else "fp32",
                      "world_size": run.procs.world},
@@ -516,12 +558,12 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     procs = setup_processes(cfg)
     plan = build_data(cfg, procs)
-    raw, optimizer, macs = build_model_and_optimizer(cfg, plan, procs)
+    raw, optimizer, macs, parent = build_model_and_optimizer(cfg, plan, procs)
     run_dir = run_folder(cfg)
-    spec = run_spec(cfg, plan)
+    spec = run_spec(cfg, plan, parent)
     state = resume_or_start(cfg, plan, raw, optimizer, run_dir, spec)
     run = Run(cfg, procs, plan, raw, raw, optimizer, run_dir, spec, state, cfg.command(procs.world), macs,
-              start_step=state.step)
+              start_step=state.step, parent=parent)
     prepare_folder(run)
     run.model = wrap_ddp(raw, procs)
     open_log(run)

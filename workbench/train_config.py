@@ -70,8 +70,12 @@ class TrainConfig:
     warmup_steps: Optional[int] = None      # linear warmup length in steps (None: 5% of all steps)
     label_smoothing: float = 0.1            # cross-entropy label smoothing, in [0, 1)
     augmentation: str = "crop-flip"         # crop-flip | flip | none (training batches only)
+    mixup_alpha: float = 0.0                # mixup: blend each batch with a shuffle of itself, weight ~ Beta(a, a)
+    #                                         (0: off; around 0.2 in the regularised recipe)
     clip_grad: float = 1.0                  # max gradient norm (0: off)
     seed: int = 0                           # weights, shuffles, augmentation and router noise
+    init_from: Optional[str] = None         # a trained dense checkpoint to start from: a MoE is upcycled
+    #                                         (every expert a copy of its block's MLP), a dense model continues
     # --- run
     out: Optional[str] = None               # run folder (None: runs/<model>-<dataset>-<time>)
     resume: bool = False                    # continue the run in `out` from its last saved state
@@ -108,6 +112,9 @@ class TrainConfig:
         _number("weight_decay", self.weight_decay, 0.0, math.inf)
         _number("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         _number("clip_grad", self.clip_grad, 0.0, math.inf)
+        _number("mixup_alpha", self.mixup_alpha, 0.0, math.inf)
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ValueError("--init-from must be the folder of a dense checkpoint")
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"--augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if self.warmup_epochs is not None:
@@ -290,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--augmentation", choices=AUGMENTATIONS, default=d.augmentation,
                    help="training-batch augmentation: random crop (pad 2) + flip, the flip alone, or none "
                         "(the flip only where the dataset allows it)")
+    o.add_argument("--mixup-alpha", type=float, default=d.mixup_alpha, metavar="ALPHA",
+                   help="mixup: blend each batch with a shuffle of itself, weight drawn from Beta(ALPHA, ALPHA) "
+                        "(0: off)")
+    o.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from a trained dense checkpoint of the same shape: a MoE is upcycled (sparse "
+                        "upcycling: shared tensors copied, every expert a copy of its block's MLP, new router), "
+                        "a dense model continues from it with a fresh schedule")
     o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
     r = p.add_argument_group("run")

@@ -37,6 +37,8 @@ class ModelConfig:
     width: int = 192                    # embedding dimension D
     num_heads: Optional[int] = None     # None -> max(1, width // 64) (head dim 64)
     mlp_ratio: float = 4.0              # hidden = mlp_ratio * width, for dense MLPs and experts
+    mlp_dropout: float = 0.0            # dropout after the MLP's GELU and output, dense MLPs and experts alike
+    #                                     (V-MoE's expert dropout; the same rate in a dense twin's MLPs)
 
     # --- shared MoE fields ---
     num_experts: int = 0                # E
@@ -49,6 +51,9 @@ class ModelConfig:
     load_loss_weight: float = 0.005
     noise_std: Optional[float] = None   # router noise in training; None -> 1/E (V-MoE)
     disabled_experts: Sequence[int] = ()  # inference-time ablation; router renormalises
+    renormalize_gates: bool = False     # divide each item's top-k gates by their sum. With k = 1 every gate
+    #                                     is 1: an upcycled MoE then starts exactly at its dense parent, and
+    #                                     its router learns only from its own loss (super-classes, balancing)
 
     # --- per-token (V-MoE) ---
     capacity_ratio: float = 1.05        # C in training
@@ -146,6 +151,10 @@ class ModelConfig:
         for name in ("importance_loss_weight", "load_loss_weight", "superclass_loss_weight"):
             _require(name, getattr(self, name), _is_real(getattr(self, name)) and getattr(self, name) >= 0,
                      "a number >= 0")
+        _require("mlp_dropout", self.mlp_dropout, _is_real(self.mlp_dropout) and 0 <= self.mlp_dropout < 1,
+                 "a number in [0, 1)")
+        _require("renormalize_gates", self.renormalize_gates, isinstance(self.renormalize_gates, bool),
+                 "true or false")
         if self.noise_std is not None:
             _require("noise_std", self.noise_std, _is_real(self.noise_std) and self.noise_std >= 0,
                      "None (1/E) or a number >= 0")

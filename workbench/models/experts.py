@@ -19,9 +19,10 @@ import torch.nn.functional as F
 class Experts(nn.Module):
     """E expert MLPs (Linear -> GELU -> Linear) with stacked parameters."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int):
+    def __init__(self, num_experts: int, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.num_experts = num_experts
+        self.dropout = dropout   # expert dropout (V-MoE), placed as in the dense Mlp
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -31,8 +32,8 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x (..., D)."""
-        h = F.gelu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))
-        return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])
+        h = F.dropout(F.gelu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e])), self.dropout, self.training)
+        return F.dropout(F.linear(h, self.fc2_weight[e], self.fc2_bias[e]), self.dropout, self.training)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                 kept: Optional[torch.Tensor] = None) -> torch.Tensor:

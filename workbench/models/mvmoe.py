@@ -59,7 +59,8 @@ class ImageRouter(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         # a super-class-guided router learns from its labels and needs no exploration noise
         noise = 0.0 if cfg.superclasses is not None else cfg.noise
-        self.router = Router(cfg.width, cfg.num_experts, cfg.top_k, noise, cfg.disabled_experts)
+        self.router = Router(cfg.width, cfg.num_experts, cfg.top_k, noise, cfg.disabled_experts,
+                             renormalize=cfg.renormalize_gates)
 
     def summarize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) tokens -> (B, D) per-image summary."""
@@ -80,7 +81,7 @@ class ImageMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.experts = Experts(cfg.num_experts, cfg.width, cfg.mlp_hidden)
+        self.experts = Experts(cfg.num_experts, cfg.width, cfg.mlp_hidden, cfg.mlp_dropout)
 
     def forward(self, x: torch.Tensor, decision: ImageDecision):
         """x: (B, T, D) -> (out, RoutingRecord, {}): whole images grouped by expert.
@@ -120,13 +121,21 @@ class MobileVMoE(VisionTransformer):
         decision = router(x)
         return decision, self.router_losses(decision, labels)
 
+    def superclass_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class indices (B,) -> super-class indices; class probabilities (B, C), e.g. mixup's
+        blend of two images' labels -> super-class probabilities (B, E), the same blend."""
+        if labels.dim() == 1:
+            return self.superclass_of[labels]
+        onehot = F.one_hot(self.superclass_of, self.cfg.num_experts).to(labels.dtype)   # (C, E)
+        return labels @ onehot
+
     def router_losses(self, decision: ImageDecision, labels: Optional[torch.Tensor]) -> dict:
         """Super-class guided: CE(router logits, super-class of the label) (needs labels).
         End to end: V-MoE's balancing losses over the batch."""
         if self.superclass_of is not None:
             if labels is None:
                 return {}
-            return {"superclass": F.cross_entropy(decision.logits, self.superclass_of[labels])}
+            return {"superclass": F.cross_entropy(decision.logits, self.superclass_targets(labels))}
         losses = {"importance": decision.routing.importance_loss.mean()}
         if decision.routing.load_loss is not None:
             losses["load"] = decision.routing.load_loss.mean()

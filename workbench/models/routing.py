@@ -214,11 +214,13 @@ class Router(nn.Module):
     elsewhere (every item goes there with gate 1, k = 1) — independent of the
     disabled mechanism, so the two can be checked against each other; `fp32`
     computes the logits in fp32 even under autocast. The noise std is fixed at
-    construction (V-MoE: 1/E).
+    construction (V-MoE: 1/E). `renormalize` divides each item's top-k gates by their
+    sum (V-MoE does not); with k = 1 the gate is then 1, so an upcycled MoE computes
+    what its dense parent did (Komatsuzaki et al., 2022, sparse upcycling).
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, noise_std: float,
-                 disabled_experts: Sequence[int] = ()):
+                 disabled_experts: Sequence[int] = (), renormalize: bool = False):
         super().__init__()
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.num_experts = num_experts
@@ -226,6 +228,7 @@ class Router(nn.Module):
         self.noise_std = noise_std
         self.forced_expert: Optional[int] = None
         self.fp32 = False
+        self.renormalize = renormalize
         self.register_buffer("disabled", torch.zeros(num_experts, dtype=torch.bool), persistent=False)
         self.disabled[list(disabled_experts)] = True
 
@@ -253,7 +256,10 @@ class Router(nn.Module):
         """
         logits = self.logits(x)
         noise = torch.randn_like(logits) if self.training and self.noise_std > 0 else None
-        return route_tokens(logits, self.k, capacity_factor, noise=noise, noise_std=self.noise_std, **options)
+        routing = route_tokens(logits, self.k, capacity_factor, noise=noise, noise_std=self.noise_std, **options)
+        if self.renormalize:
+            routing = dataclasses.replace(routing, gates=routing.gates / routing.gates.sum(-1, keepdim=True))
+        return routing
 
 
 # --------------------------------------------------------------------------- the record

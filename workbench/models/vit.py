@@ -112,13 +112,15 @@ class Mlp(nn.Module):
     expert layer alike.
     """
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = dropout   # after the GELU and after fc2, as timm's Mlp (drop1, drop2)
 
     def forward(self, x: torch.Tensor, decision=None) -> tuple:
-        return self.fc2(F.gelu(self.fc1(x))), None, {}
+        h = F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training)
+        return F.dropout(self.fc2(h), self.dropout, self.training), None, {}
 
 
 class Block(nn.Module):
@@ -164,7 +166,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
         moe = set(cfg.moe_block_indices())
         self.blocks = nn.ModuleList(
-            Block(D, cfg.heads, self.make_mlp(i) if i in moe else Mlp(D, cfg.mlp_hidden)) for i in range(cfg.depth)
+            Block(D, cfg.heads, self.make_mlp(i) if i in moe else Mlp(D, cfg.mlp_hidden, cfg.mlp_dropout)) for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.num_classes)
@@ -214,7 +216,8 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, return_routing: bool = False, labels: Optional[torch.Tensor] = None):
         """Logits, or a `ModelOutput` with aux losses and routing when `return_routing`.
 
-        `labels` (class indices) let a super-class-guided router compute its loss.
+        `labels` (class indices (B,), or class probabilities (B, C) under mixup) let a super-class-guided
+        router compute its loss.
         """
         tokens, routing, aux, _ = self.forward_blocks(self.embed(x), labels)
         features = self.norm(tokens)[:, 0]

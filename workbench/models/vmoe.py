@@ -31,8 +31,9 @@ class TokenMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.router = Router(cfg.width, cfg.num_experts, cfg.top_k, cfg.noise, cfg.disabled_experts)
-        self.experts = Experts(cfg.num_experts, cfg.width, cfg.mlp_hidden)
+        self.router = Router(cfg.width, cfg.num_experts, cfg.top_k, cfg.noise, cfg.disabled_experts,
+                             renormalize=cfg.renormalize_gates)
+        self.experts = Experts(cfg.num_experts, cfg.width, cfg.mlp_hidden, cfg.mlp_dropout)
         self.group_size = cfg.group_size
         self.capacity_ratio = cfg.capacity_ratio
         # inference-time settings (changed through the model's set_routing)

@@ -68,3 +68,13 @@ def paired_difference(differences: Iterable[Optional[float]]) -> PairedDifferenc
     std = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * std / math.sqrt(n)
     return PairedDifference(n, mean, std, mean - half, mean + half, positive)
+
+
+def card_seed_differences(card: dict) -> dict:
+    """A grid card's paired differences over its seeds (`seeds`: one entry per seed):
+    {"test": PairedDifference, "fit": PairedDifference}; empty for a card without seeds or a dense one."""
+    seeds = card.get("seeds") or []
+    test = paired_difference(s.get("delta_vs_dense") for s in seeds)
+    if test.n == 0:
+        return {}
+    return {"test": test, "fit": paired_difference(s.get("fit_delta_vs_dense") for s in seeds)}

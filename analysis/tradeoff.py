@@ -24,8 +24,9 @@ import pandas as pd
 import torch.nn as nn
 
 from .collect import collect_routing, routing_overrides
+from .paired import paired_difference
 
-__all__ = ["sweep_routing", "checkpoint_table", "pareto_frontier", "moe_gains",
+__all__ = ["sweep_routing", "checkpoint_table", "pareto_frontier", "moe_gains", "payoff_table",
            "paper_reference"]
 
 def _input_shape(model: nn.Module) -> tuple:
@@ -213,11 +214,55 @@ def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
             row.update(gain=r["gain_mean"], gain_std=r["gain_std"], n=int(r["n_pairs"]),
                        seed_gains=r["seed_gains"], fit_gain=r.get("fit_gain_mean", float("nan")),
                        fit_gain_std=r.get("fit_gain_std", float("nan")), seed_fit_gains=r.get("seed_fit_gains"))
+            row.update(_interval_columns(r["seed_gains"]))
+            row.update(_interval_columns(r.get("seed_fit_gains"), "fit_"))
         else:
             row.update(gain=r["accuracy"] - best["accuracy"], gain_std=float("nan"), n=1, seed_gains=None,
-                       fit_gain=float("nan"), fit_gain_std=float("nan"), seed_fit_gains=None)
+                       fit_gain=float("nan"), fit_gain_std=float("nan"), seed_fit_gains=None,
+                       **_interval_columns(None), **_interval_columns(None, "fit_"))
         rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=cols + INTERVAL_COLUMNS + ["fit_" + c for c in INTERVAL_COLUMNS])
+
+
+INTERVAL_COLUMNS = ["gain_low", "gain_high", "positive", "verdict"]
+
+
+def _interval_columns(seed_gains, prefix: str = "") -> dict:
+    """The paired 95 % t-interval of per-seed gains, how many were > 0, and the claim it allows
+    (analysis.paired); NaN interval and 'one checkpoint, no claim' without paired seeds."""
+    d = paired_difference(seed_gains if isinstance(seed_gains, list) else [])
+    nan = float("nan")
+    return {f"{prefix}gain_low": nan if d.low is None else d.low, f"{prefix}gain_high": nan if d.high is None else d.high,
+            f"{prefix}positive": d.positive if d.n else nan,
+            f"{prefix}verdict": d.verdict if d.n > 1 else "one seed, no claim"}
+
+
+PAYOFF_KEYS = ["dataset", "size", "router", "E", "init", "recipe"]
+
+
+def payoff_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """What pays off: one row per grid cell (dataset, size, router, E, init, recipe) that has a
+    paired baseline, from the grid results (one row per model and seed, `delta_vs_dense` its
+    difference to the baseline of the same seed). Columns: the keys, model, baseline, n, gain
+    (mean), gain_std, gain_low / gain_high (95 % t-interval), positive (seeds > 0), verdict,
+    seed_gains, and gap (mean fit − test accuracy: how much the cell overfits)."""
+    cols = PAYOFF_KEYS + ["model", "baseline", "n", "gain", "gain_std", "gain_low", "gain_high", "positive",
+                          "verdict", "seed_gains", "gap"]
+    out = []
+    if rows.empty or "delta_vs_dense" not in rows:
+        return pd.DataFrame(out, columns=cols)
+    paired = rows.dropna(subset=["delta_vs_dense"]).reindex(columns=list(dict.fromkeys([*rows.columns, *PAYOFF_KEYS])))
+    paired[PAYOFF_KEYS] = paired[PAYOFF_KEYS].astype(object).where(paired[PAYOFF_KEYS].notna(), "")
+    for key, g in paired.groupby(PAYOFF_KEYS + ["model"], sort=False):
+        d = paired_difference(g["delta_vs_dense"].astype(float).tolist())
+        gap = (g["fit_accuracy"].astype(float) - g["test_accuracy"].astype(float)).mean() \
+            if "fit_accuracy" in g else float("nan")
+        out.append({**dict(zip(PAYOFF_KEYS + ["model"], key)), "baseline": g["baseline"].iloc[0]
+                    if "baseline" in g else "dense", "n": d.n, "gain": d.mean,
+                    "gain_std": float("nan") if d.std is None else d.std,
+                    **_interval_columns(g["delta_vs_dense"].astype(float).tolist()),
+                    "seed_gains": g["delta_vs_dense"].astype(float).tolist(), "gap": gap})
+    return pd.DataFrame(out, columns=cols)
 
 
 @functools.lru_cache(maxsize=1)

@@ -243,16 +243,20 @@ def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_refer
 
 
 def _gain_panel(fig: go.Figure, gains: pd.DataFrame, paper_reference_trace: bool) -> None:
-    """The lower panel of `tradeoff_figure`: MoE − dense gains (± std over paired seeds), the paper's gains."""
+    """The lower panel of `tradeoff_figure`: MoE − dense gains (bars: paired 95 % t-intervals), the paper's gains."""
     for kind in ("per-image", "per-token"):
         g = gains[gains["routing"] == kind] if not gains.empty else gains
         if g.empty:
             continue
         color, symbol = ROUTING_STYLE[kind]
-        std = g["gain_std"].fillna(0) * 100 if "gain_std" in g else None
+        bar = None
+        if "gain_low" in g:   # the paired 95 % t-interval (none below two seeds)
+            bar = {"type": "data", "symmetric": False, "color": color,
+                   "array": ((g["gain_high"] - g["gain"]) * 100).fillna(0),
+                   "arrayminus": ((g["gain"] - g["gain_low"]) * 100).fillna(0)}
         fig.add_scatter(x=g["macs_active"], y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
                         marker={"color": color, "symbol": symbol, "size": 9},
-                        error_y=None if std is None else {"type": "data", "array": std, "color": color},
+                        error_y=bar,
                         customdata=g[["name", "dense_name", "n"]] if "n" in g else g[["name", "dense_name"]],
                         hovertemplate="%{customdata[0]} − %{customdata[1]}: %{y:+.2f} pp"
                                       + (" (paired over %{customdata[2]} seeds)" if "n" in g else "")
@@ -277,9 +281,28 @@ PAPER_ROUTER_ORDER = ("per-token", "superclass", "end-to-end")
 ROUTER_COLORS = (ROUTING_STYLE["per-token"][0], ROUTING_STYLE["per-image"][0], "#FFA15A", "#AB63FA")
 
 
+def _interval_bar(r, mean: str, color: str) -> dict:
+    """The error bar of a gain: its paired 95 % t-interval (none below two seeds)."""
+    prefix = "fit_" if mean.startswith("fit") else ""
+    low, high = r.get(f"{prefix}gain_low"), r.get(f"{prefix}gain_high")
+    if low is None or pd.isna(low):
+        return {"type": "data", "array": [0], "visible": False}
+    return {"type": "data", "symmetric": False, "array": [100 * (high - r[mean])], "arrayminus": [100 * (r[mean] - low)],
+            "color": color}
+
+
+def _interval_words(r, mean: str) -> str:
+    prefix = "fit_" if mean.startswith("fit") else ""
+    low, high, n = r.get(f"{prefix}gain_low"), r.get(f"{prefix}gain_high"), int(r["n"])
+    if low is None or pd.isna(low):
+        return f"{n} paired seed, no interval"
+    return (f"mean of {n} paired seeds, 95 % CI [{100 * low:+.2f}, {100 * high:+.2f}], "
+            f"{int(r[prefix + 'positive'])}/{n} > 0: {r[prefix + 'verdict']}")
+
+
 def strategy_figure(gains: pd.DataFrame, title: str = "Gain over the dense model of the same shape") -> go.Figure:
-    """The routers of one shape side by side: each MoE's paired gain over dense (mean ± std over
-    seeds, each seed a dot) on the test images and, where the cards have it, on images the models
+    """The routers of one shape side by side: each MoE's paired gain over dense (the mean, its 95 %
+    t-interval as the bar, each seed a dot) on the test images and, where the cards have it, on images the models
     trained on (fit). Rows follow the paper's ranking (per-token, super-class, end-to-end), so a
     reader sees at once where ours agrees; `gains` is `analysis.tradeoff.moe_gains` for one shape."""
     order = {k: i for i, k in enumerate(PAPER_ROUTER_ORDER)}
@@ -298,10 +321,9 @@ def strategy_figure(gains: pd.DataFrame, title: str = "Gain over the dense model
                 continue
             fig.add_scatter(x=[r[mean] * 100], y=[label], mode="markers", row=1, col=col, showlegend=False,
                             marker={"color": color, "size": 12, "symbol": "diamond"},
-                            error_x={"type": "data", "array": [0 if pd.isna(r[std]) else r[std] * 100],
-                                     "color": color},
+                            error_x=_interval_bar(r, mean, color),
                             hovertemplate=f"{label} − {r['dense_name']}, {where}: %{{x:+.2f}} points ("
-                                          + (f"mean of {int(r['n'])} paired seeds" if isinstance(r[seeds], list)
+                                          + (_interval_words(r, mean) if isinstance(r[seeds], list)
                                              else "one checkpoint each, not paired by seed") + ")<extra></extra>")
             if isinstance(r[seeds], list) and r[seeds]:
                 fig.add_scatter(x=[v * 100 for v in r[seeds]], y=[label] * len(r[seeds]), mode="markers",
@@ -312,6 +334,47 @@ def strategy_figure(gains: pd.DataFrame, title: str = "Gain over the dense model
         fig.update_xaxes(title_text="MoE − dense (accuracy points)", row=1, col=col)
     fig.update_yaxes(autorange="reversed", type="category", categoryorder="array", categoryarray=labels)
     fig.update_layout(title=title, height=160 + 60 * len(labels))
+    return fig
+
+
+VERDICT_COLORS = {"beats": "#2CA02C", "trails": "#D62728", "no measurable difference": "#636EFA",
+                  "one seed, no claim": "#9E9E9E"}
+
+
+def payoff_figure(table: pd.DataFrame, title: str = "What pays off: paired gain over the baseline") -> go.Figure:
+    """One row per grid cell (`analysis.tradeoff.payoff_table`): the mean paired gain over its
+    baseline with its 95 % t-interval as the bar, each seed a dot, coloured by what the interval
+    allows saying (beats / trails where it excludes 0). A cell of one seed has no bar and says so."""
+    fig = go.Figure()
+    labels = [f"{r.dataset} {r.size} · {r.router or 'dense'}{f' E={int(r.E)}' if str(r.E) not in ('', 'nan') else ''}"
+              f" · {r.init} · {r.recipe}" for r in table.itertuples()]
+    for verdict, color in VERDICT_COLORS.items():
+        rows = [(label, r) for label, r in zip(labels, table.itertuples()) if r.verdict == verdict]
+        if not rows:
+            continue
+        ys = [label for label, _ in rows]
+        mean = [100 * r.gain for _, r in rows]
+        plus = [0 if pd.isna(r.gain_high) else 100 * (r.gain_high - r.gain) for _, r in rows]
+        minus = [0 if pd.isna(r.gain_low) else 100 * (r.gain - r.gain_low) for _, r in rows]
+        text = [f"n = {r.n}, {r.positive}/{r.n} seeds > 0" + ("" if pd.isna(r.gain_low) else
+                f", 95 % CI [{100 * r.gain_low:+.2f}, {100 * r.gain_high:+.2f}]") + f", vs {r.baseline}"
+                + ("" if pd.isna(r.gap) else f"; fit − test gap {100 * r.gap:.1f} points") for _, r in rows]
+        fig.add_scatter(x=mean, y=ys, mode="markers", name=verdict, text=text,
+                        marker={"color": color, "size": 12, "symbol": "diamond"},
+                        error_x={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus,
+                                 "color": color, "thickness": 2},
+                        hovertemplate="%{y}<br>gain %{x:+.2f} points<br>%{text}<extra>" + verdict + "</extra>")
+        xs = [100 * g for _, r in rows for g in r.seed_gains]
+        seed_ys = [label for label, r in rows for _ in r.seed_gains]
+        fig.add_scatter(x=xs, y=seed_ys, mode="markers", showlegend=False,
+                        marker={"color": color, "symbol": "circle-open", "size": 8},
+                        hovertemplate="one seed: %{x:+.2f} points<extra></extra>")
+    fig.add_vline(x=0, line_color="grey", line_dash="dot")
+    fig.update_xaxes(title_text="gain over the baseline (accuracy points; bar: paired 95 % t-interval)",
+                     zeroline=False)
+    fig.update_yaxes(autorange="reversed", type="category", categoryorder="array", categoryarray=labels)
+    fig.update_layout(title=title, height=200 + 45 * len(labels), legend={"orientation": "h", "y": -0.25},
+                      margin={"l": 20})
     return fig
 
 

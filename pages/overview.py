@@ -4,6 +4,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from analysis.paired import card_seed_differences
 from pages.common import checkpoint_picker, get_model, md, open_checkpoint
 from workbench import runs
 
@@ -85,6 +86,22 @@ facts = {"Family": family, "Preset": card.get("preset") or "n/a",
          "Test accuracy": f"{100 * acc:.2f} %" if isinstance(acc, (int, float)) else "n/a"}
 st.markdown("| " + " | ".join(facts) + " |\n" + "|---" * len(facts) + "|\n| "
             + " | ".join(md(v).replace("|", "\\|") for v in facts.values()) + " |")
+parent = card.get("parent")
+if parent:   # sparse upcycling, or a dense model continued from another
+    how = "Upcycled" if family != "vit" else "Continued"
+    st.info(f"{how} from the dense checkpoint `{md(parent.get('path'))}` ({md(parent.get('preset') or 'dense')}, "
+            f"{parent.get('epochs')} epochs, test accuracy "
+            + (f"{100 * parent['test_accuracy']:.2f} %" if isinstance(parent.get("test_accuracy"), (int, float))
+               else "n/a") + f"; weights sha256 `{str(parent.get('sha256'))[:12]}…`), then trained "
+            f"{(card.get('training') or {}).get('epochs')} more epochs.")
+differences = card_seed_differences(card)
+if differences:
+    named = (card.get("seeds") or [{}])[0].get("baseline") or "dense"
+    base = "the dense model of the same seed" if named == "dense" else f"{named} of the same seed"
+    st.markdown(f"**Over seeds, against {md(base)}** (paired: same data order and initial weights): "
+                f"test accuracy {differences['test'].text()} points: "
+                f"{differences['test'].sentence('this model', 'its baseline')}."
+                + (f" On trained-on images: {differences['fit'].text()} points." if differences["fit"].n else ""))
 c = st.columns(3)
 active, dense = macs.get("active"), macs.get("dense")
 c[0].metric("MACs per image (active)", _fmt(active),

@@ -1,10 +1,14 @@
 """Accuracy vs MACs: dense vs per-image vs per-token checkpoints, the Pareto frontier, and routing sweeps."""
 import copy
+from pathlib import Path
 
 import streamlit as st
 
-from analysis.tradeoff import checkpoint_table, moe_gains, pareto_frontier, sweep_routing
-from pages.figures import strategy_figure, sweep_figure, tradeoff_figure
+from workbench.grid import dataset_of_results, read_rows
+from workbench.paths import samples_dir
+
+from analysis.tradeoff import checkpoint_table, moe_gains, pareto_frontier, payoff_table, sweep_routing
+from pages.figures import payoff_figure, strategy_figure, sweep_figure, tradeoff_figure
 from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, ckpt_ref,
                           dataset_or_none, eval_subset, load_model, max_images, need, open_checkpoint)
 
@@ -13,6 +17,19 @@ from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash,
 def table(keys: tuple, n: int):
     """keys: (path, content key) per checkpoint; missing numbers are recomputed on n test images."""
     return checkpoint_table([p for p, _ in keys], data=dataset_or_none, max_images=n)
+
+
+def grid_result_files() -> list:
+    """The shipped grids' results, one CSV per dataset (`workbench.grid`)."""
+    return sorted(samples_dir().glob("*-grid-results.csv"))
+
+
+@st.cache_data(show_spinner="Reading the grid results…", max_entries=4)
+def grid_payoff(paths: tuple):
+    import pandas as pd
+
+    rows = [r for p in paths for r in read_rows(Path(p), dataset_of_results(Path(p)))]
+    return payoff_table(pd.DataFrame(rows))
 
 
 @st.cache_data(show_spinner="Sweeping k and capacity (re-running the model for each setting)…", max_entries=32)
@@ -71,12 +88,17 @@ if len(gains):
                  column_config={"gain": st.column_config.NumberColumn("gain (mean of paired per-seed differences)",
                                                                       format="percent"),
                                 "gain_std": st.column_config.NumberColumn("std over seeds", format="percent"),
+                                "gain_low": st.column_config.NumberColumn("95 % CI low", format="percent"),
+                                "gain_high": st.column_config.NumberColumn("95 % CI high", format="percent"),
+                                "positive": st.column_config.NumberColumn("seeds > 0"),
+                                "verdict": st.column_config.TextColumn("what the interval allows saying"),
                                 "n": st.column_config.NumberColumn("seeds"),
                                 "macs_active": st.column_config.NumberColumn(format="compact")},
-                 column_order=["name", "dense_name", "routing", "router", "macs_active", "gain", "gain_std", "n"])
+                 column_order=["name", "dense_name", "routing", "router", "macs_active", "n", "gain", "gain_std",
+                               "gain_low", "gain_high", "positive", "verdict"])
     st.subheader("Routers of one shape side by side")
     st.caption("Each MoE minus the dense model of the same depth × width: the mean of the paired per-seed "
-               "differences ± 1 std, each seed a dot; on the test images and, where the cards have it, on "
+               "differences, the bar its 95 % t-interval, each seed a dot; on the test images and, where the cards have it, on "
                "images the models trained on. Rows follow the paper's ranking on ImageNet (per-token > "
                "super-class per-image > end-to-end per-image > dense), so you see where this grid agrees.")
     by_shape = gains.groupby(["dataset", "depth", "width"])
@@ -84,6 +106,21 @@ if len(gains):
                          format_func=lambda t: f"{t[0]}, {t[1]}x{t[2]}", help="The shape with the most routers first.")
     st.plotly_chart(strategy_figure(by_shape.get_group(shape), title=f"{shape[0]}, {shape[1]}x{shape[2]}: gain over dense"),
                     key="strategies")
+
+st.header("What pays off")
+payoff = grid_payoff(tuple(str(p) for p in grid_result_files()))
+if payoff.empty:
+    st.info("No grid results are shipped here (`*-grid-results.csv` in the sample folder).")
+else:
+    st.caption("Every cell of the shipped grids (router, E, how the MoE starts, training recipe), as the gain over "
+               "its paired baseline: the dense model of the same seed, or for an upcycled MoE the dense model "
+               "continued as long. The bar is the paired 95 % t-interval over seeds, each dot one seed. Only a "
+               "bar that stays clear of 0 is a measured difference: green beats, red trails, blue means no "
+               "measurable difference at that number of seeds.")
+    st.plotly_chart(payoff_figure(payoff), key="payoff")
+    st.dataframe(payoff.drop(columns=["seed_gains"]), hide_index=True,
+                 column_config={k: st.column_config.NumberColumn(k.replace("_", " "), format="percent")
+                                for k in ("gain", "gain_std", "gain_low", "gain_high", "gap")})
 
 st.header(f"Inference-time sweep of {path.name}")
 cfg = card["config"]

@@ -137,6 +137,21 @@ with st.container(border=True):
         a2, a3 = st.columns(2)
         lr = a2.number_input("Peak learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="tr_lr")
         seed = a3.number_input("Seed", 0, 2**31 - 1, 0, key="tr_seed")
+        r1, r2 = st.columns(2)
+        mixup_alpha = r1.number_input("Mixup α (0 = off)", 0.0, 10.0, 0.0, step=0.1, key="tr_mixup",
+                                      help="Blend each batch with a shuffle of itself, weight ~ Beta(α, α); "
+                                           "around 0.2 regularises a MoE whose experts overfit.")
+        mlp_dropout = r2.number_input("MLP / expert dropout", 0.0, 0.9, 0.0, step=0.05, key="tr_dropout",
+                                      help="Dropout in every MLP and expert (V-MoE's expert dropout).")
+        dense_parents = [p for p, _ in common.available_checkpoints()
+                         if common.load_card(p)["config"].get("family") == "vit"]
+        init_from = st.selectbox("Start from a trained dense checkpoint", [None] + dense_parents, key="tr_init",
+                                 format_func=lambda p: "no: from the seed (a MoE shares its dense twin's initial "
+                                                       "weights)" if p is None else common.ckpt_ref(p),
+                                 help="Sparse upcycling (Komatsuzaki et al., 2022): every expert starts as its "
+                                      "block's dense MLP, the router is new. A dense model continues from it. "
+                                      "Depth, width and classes must match. With k = 1 add "
+                                      "renormalize_gates=true below so the MoE starts exactly at the dense model.")
         raw_overrides = st.text_area("Model options (one KEY=VALUE per line)", key="tr_overrides",
                                      placeholder="router_input=cls\ncapacity_ratio=1.25",
                                      help=f"Any ModelConfig field except the shape above: "
@@ -155,7 +170,10 @@ if start:
         if sc_map == "invalid":
             raise ValueError("the uploaded super-class map is not valid (see the message above)")
         overrides = parse_overrides([line.strip() for line in raw_overrides.splitlines() if line.strip()])
+        if mlp_dropout:
+            overrides.setdefault("mlp_dropout", float(mlp_dropout))
         cfg = TrainConfig(
+            mixup_alpha=float(mixup_alpha), init_from=str(init_from) if init_from else None,
             model=model_from_fields(shape, overrides, "the shape chosen above"), dataset=dataset_name(dataset),
             superclasses="reference" if sc_map == "reference" else None, epochs=int(epochs),
             max_steps=int(max_steps) or None, batch_size=int(batch), precision=precision, lr=float(lr),
@@ -202,6 +220,14 @@ def pipeline_form() -> None:
     p_epochs = r2.number_input("Epochs per model (0 = default)", 0, jobs.MAX_EPOCHS, 0, key="tr_pipe_epochs",
                                help="Default: 10, or 12 on synthetic.")
     p_seed = r3.number_input("Seed", 0, 2**31 - 1, 0, key="tr_pipe_seed")
+    g1, g2, g3 = st.columns(3)
+    p_init = g1.selectbox("MoE starts from", ["scratch", "upcycle"], key="tr_pipe_init",
+                          format_func={"scratch": "its seed (dense twin's initial weights)",
+                                       "upcycle": "the trained dense baseline (upcycled)"}.get,
+                          help="upcycle: every expert starts as its block's dense MLP and trains the same epochs "
+                               "as the dense baseline continued beside it (the fair comparison).")
+    p_mixup = g2.number_input("Mixup α (0 = off)", 0.0, 10.0, 0.0, step=0.1, key="tr_pipe_mixup")
+    p_dropout = g3.number_input("MLP / expert dropout", 0.0, 0.9, 0.0, step=0.05, key="tr_pipe_dropout")
     p_name = st.text_input("Pipeline run name (optional)", key="tr_pipe_name", max_chars=64)
     if not st.button("Start pipeline", key="tr_pipe_start"):
         return
@@ -209,7 +235,8 @@ def pipeline_form() -> None:
         cfg = PipelineConfig(dataset=dataset_name(p_dataset), depth=int(p_depth) or None,
                              width=None if p_width == "default" else int(p_width), num_groups=int(p_groups) or None,
                              top_k=int(p_k), method=p_method, superclass_loss_weight=float(p_lambda),
-                             epochs=int(p_epochs) or None, seed=int(p_seed))
+                             epochs=int(p_epochs) or None, seed=int(p_seed), moe_init=p_init,
+                             mixup_alpha=float(p_mixup) or None, mlp_dropout=float(p_dropout) or None)
         with st.spinner("Checking the dataset and starting…"):
             run_dir = jobs.start_pipeline(cfg, name=p_name.strip() or None)
     except ValueError as e:  # every validation error is a ValueError with a plain message

@@ -147,3 +147,53 @@ def test_paired_intervals_follow_the_statistics_rule():
     one = paired_difference([0.02, None])
     assert one.n == 1 and one.low is None and "no interval" in one.text()
     assert math.isnan(paired_difference([]).mean)
+
+
+def test_what_pays_off_gives_every_cell_its_interval_and_verdict(tmp_path):
+    import pandas as pd
+
+    from analysis.tradeoff import payoff_table
+    from pages.figures import VERDICT_COLORS, payoff_figure
+    from workbench.grid import read_rows
+
+    rows = []
+    for seed, (dense, moe, up, cont) in enumerate([(0.26, 0.27, 0.285, 0.275), (0.27, 0.275, 0.29, 0.28),
+                                                    (0.28, 0.279, 0.301, 0.29)]):
+        common = {"dataset": "tiny-imagenet", "size": "6x64", "seed": seed, "E": "", "recipe": "regularised: 40 ep"}
+        rows += [{**common, "model": "dense", "router": "", "init": "scratch", "test_accuracy": dense},
+                 {**common, "model": "moe", "router": "superclass", "E": 10, "init": "scratch", "baseline": "dense",
+                  "test_accuracy": moe, "delta_vs_dense": moe - dense},
+                 {**common, "model": "cont", "router": "", "init": "continue", "test_accuracy": cont,
+                  "baseline": "dense", "delta_vs_dense": cont - dense},
+                 {**common, "model": "up", "router": "superclass", "E": 10, "init": "upcycle", "baseline": "cont",
+                  "test_accuracy": up, "delta_vs_dense": up - cont}]
+    path = tmp_path / "tin-grid-results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    table = payoff_table(pd.DataFrame(read_rows(path, "tiny-imagenet"))).set_index("model")
+    assert table.loc["up", "verdict"] == "beats" and table.loc["up", "positive"] == 3
+    assert table.loc["up", "gain_low"] > 0 and table.loc["up", "baseline"] == "cont"
+    assert table.loc["moe", "verdict"] == "no measurable difference" and table.loc["moe", "positive"] == 2
+    assert table.loc["moe", "gain_low"] < 0 < table.loc["moe", "gain_high"]
+    fig = payoff_figure(table.reset_index())
+    drawn = {t.name: t for t in fig.data if t.showlegend is not False}
+    assert set(drawn) <= set(VERDICT_COLORS) and drawn["beats"].marker.color == VERDICT_COLORS["beats"]
+    # rows written before the init column: MoEs that did not share their dense twin's initial weights
+    pd.DataFrame([{k: v for k, v in r.items() if k not in ("init", "recipe", "baseline")} for r in rows[:2]]) \
+        .assign(family=["vit", "mvmoe"], epochs=15).to_csv(path, index=False)
+    old = read_rows(path, "tiny-imagenet")
+    assert [r["init"] for r in old] == ["scratch", "scratch, unshared init"]
+    assert old[0]["recipe"] == "plain: 15 ep, flip"
+
+
+def test_the_jobs_api_refuses_an_upcycling_parent_of_another_shape_before_starting(tmp_path):
+    from workbench import jobs
+    from workbench.train_config import TrainConfig
+
+    assert train_main(["--model", "vit-2x32", "--dataset", "synthetic", "--max-steps", "1", "--quiet",
+                       "--out", str(tmp_path / "dense")]) == 0
+    cfg = TrainConfig(model=model_from_preset("mvmoe-3x32-e2k1", {}), dataset="synthetic",
+                      init_from=str(tmp_path / "dense"))
+    with pytest.raises(ValueError, match=re.escape("depth 2 (parent) vs 3")):
+        jobs.check_training(cfg)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        jobs.check_training(dataclasses.replace(cfg, init_from=str(tmp_path)))

@@ -228,6 +228,12 @@ def read_rows(path: Path, dataset: str) -> list:
     return rows
 
 
+def dataset_of_results(path: Path) -> str:
+    """The dataset of a shipped `<short>-grid-results.csv` (its rows say it too)."""
+    short = path.name.removesuffix("-grid-results.csv")
+    return {v: k for k, v in SHORT_NAMES.items()}.get(short, short)
+
+
 def _number(text):
     if text in ("", None):
         return None
@@ -247,7 +253,8 @@ def _export_checkpoints(cfg: PipelineConfig, base: Path, reports: dict, rows: li
         for r in rows:
             if r["size"] == size:
                 by_model.setdefault(r["model"], []).append(r)
-        seeds = {m: [{"seed": r["seed"], **{k: r.get(k) for k in SEED_METRICS + ("delta_vs_dense", "fit_delta_vs_dense")}}
+        seeds = {m: [{"seed": r["seed"], "baseline": r.get("baseline") or "dense",
+                      **{k: r.get(k) for k in SEED_METRICS + ("delta_vs_dense", "fit_delta_vs_dense")}}
                      for r in sorted(rs, key=lambda r: r["seed"])] for m, rs in by_model.items()}
         # one seed is shipped per size: the dense model's median seed, and the MoEs of that seed
         # (paired with it: same data order); every seed's numbers are in the cards and the CSV

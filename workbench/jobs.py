@@ -122,6 +122,16 @@ def check_training(cfg: TrainConfig, mapping: Optional[dict] = None) -> None:
         raise ValueError(f"{cfg.dataset}: the training split is empty")
     sc = superclass_map.for_training(mapping if mapping is not None else cfg.superclasses, test)
     fitted = fit_to_dataset(cfg.model, test, sc["assignment"] if sc else None)  # k <= E, E == groups
+    if cfg.init_from:   # the parent's card, read now: a wrong shape is refused before the job starts
+        from .checkpoint import read_card
+        from .models.config import ModelConfig
+        from .models.upcycle import check_parent
+
+        try:
+            parent = ModelConfig.from_dict(read_card(cfg.init_from)["config"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"--init-from {cfg.init_from}: not a readable checkpoint ({e})") from None
+        check_parent(parent, fitted)
     check_memory(fitted)
 
 

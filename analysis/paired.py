@@ -46,6 +46,13 @@ class PairedDifference:
         return (f"{head} ± {scale * self.std:.{digits}f}, 95 % CI [{scale * self.low:+.{digits}f}, "
                 f"{scale * self.high:+.{digits}f}], {self.positive}/{self.n} seeds > 0 (n = {self.n})")
 
+    def to_dict(self, digits: int = 5) -> dict:
+        """JSON for a card: n, mean, std, the interval, seeds > 0 and the verdict (None where undefined)."""
+        r = lambda x: None if x is None or math.isnan(x) else round(x, digits)  # noqa: E731
+        return {"n": self.n, "mean": r(self.mean), "std": r(self.std), "ci95_low": r(self.low),
+                "ci95_high": r(self.high), "positive": self.positive,
+                "verdict": self.verdict if self.n > 1 else "one seed, no claim"}
+
     def sentence(self, model: str, baseline: str) -> str:
         """The claim the interval allows, in words."""
         if self.n < 2:
@@ -78,3 +85,12 @@ def card_seed_differences(card: dict) -> dict:
     if test.n == 0:
         return {}
     return {"test": test, "fit": paired_difference(s.get("fit_delta_vs_dense") for s in seeds)}
+
+
+def card_paired_summary(seeds: list) -> dict:
+    """What a grid card says of its seeds' paired differences (test and fit), with the baseline named."""
+    test = paired_difference(s.get("delta_vs_dense") for s in seeds)
+    if test.n == 0:
+        return {}
+    return {"baseline": seeds[0].get("baseline") or "dense", "test_accuracy": test.to_dict(),
+            "fit_accuracy": paired_difference(s.get("fit_delta_vs_dense") for s in seeds).to_dict()}

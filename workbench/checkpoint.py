@@ -291,6 +291,16 @@ def save_checkpoint(directory: PathLike, model: nn.Module, card: dict, store_dty
     return card
 
 
+def update_card(directory: PathLike, **fields) -> dict:
+    """The one way to change a saved card: add or replace top-level `fields`, validate the result
+    (CheckpointError naming the rule, nothing written) and write it atomically; returns the card."""
+    directory = Path(directory)
+    card = {**read_card(directory), **fields}
+    validate_card(card, directory / CARD)
+    atomic_write_json(directory / CARD, card)
+    return card
+
+
 def _keep_described_weights(directory: Path) -> None:
     """Before replacing the weights, make PREV_WEIGHTS the file the current card describes."""
     weights, prev, card_path = directory / WEIGHTS, directory / PREV_WEIGHTS, directory / CARD
@@ -481,7 +491,8 @@ def load_train_state(directory: PathLike, model: nn.Module, optimizer: Optional[
     return info
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "validate_card", "inspect_checkpoint",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_card", "update_card", "validate_card",
+           "inspect_checkpoint",
            "check_weights_header", "list_checkpoints",
            "save_train_state", "load_train_state", "read_train_info", "atomic_write_bytes", "atomic_write_json", "sha256_file",
            "CARD_KEYS", "ROUTER_METRICS", "router_score", "WEIGHTS", "CARD", "TRAIN_STATE"]

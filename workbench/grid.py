@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import safejson
-from .checkpoint import SEED_METRICS
+from .checkpoint import SEED_METRICS, read_card, update_card
 from .pipeline import SHORT_NAMES, export, router_column, run, write_csv
 from .pipeline_config import PipelineConfig, dense_shape, parse_extra
 from .runs import RunBusy, atomic_write_bytes, is_finished
@@ -246,6 +246,29 @@ def _number(text):
             return text
 
 
+def rewrite_shipped(dest: Path, dataset: str) -> str:
+    """Rewrite a dataset's shipped table from its shipped CSV, and the paired summary (n, mean, std,
+    95 % t-interval, seeds > 0) of every shipped card with seeds, from the seeds it carries; the
+    table's text is returned. What `--export` writes, for a grid whose run folders are gone."""
+    short = SHORT_NAMES.get(dataset, dataset)
+    rows = read_rows(dest / f"{short}-grid-results.csv", dataset)
+    if not rows:
+        raise ValueError(f"{dest / f'{short}-grid-results.csv'}: no rows")
+    table = grid_table(rows)
+    atomic_write_bytes(dest / f"{short}-grid.md", table.encode("utf-8"))
+    for card_path in sorted(dest.glob(f"{short}-*/card.json")):
+        summary = _paired_summary(read_card(card_path.parent).get("seeds") or [])
+        if summary:                                             # (a dense card pairs with nothing)
+            update_card(card_path.parent, paired=summary)
+    return table
+
+
+def _paired_summary(seeds: list) -> dict:
+    from analysis.paired import card_paired_summary
+
+    return card_paired_summary(seeds)
+
+
 def _export_checkpoints(cfg: PipelineConfig, base: Path, reports: dict, rows: list) -> None:
     dest = Path(cfg.export)
     for size in dict.fromkeys(r["size"] for r in rows):
@@ -259,7 +282,10 @@ def _export_checkpoints(cfg: PipelineConfig, base: Path, reports: dict, rows: li
         # one seed is shipped per size: the dense model's median seed, and the MoEs of that seed
         # (paired with it: same data order); every seed's numbers are in the cards and the CSV
         chosen = median_seed(by_model["dense"])
-        export(seed_dir(base, size, chosen), dest, reports[(size, chosen)], seeds)
+        for target in export(seed_dir(base, size, chosen), dest, reports[(size, chosen)], seeds):
+            summary = _paired_summary(read_card(target).get("seeds") or [])
+            if summary:
+                update_card(target, paired=summary)
 
 
 # ----------------------------------------------------------------------------- running it
@@ -325,10 +351,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finished so far, training nothing: what to run after copying a finished seed in by hand."""
     p = argparse.ArgumentParser(prog="python -m workbench.grid", description=main.__doc__)
     p.add_argument("--dataset", default="fashion-mnist", help="whose grid: fashion-mnist or tiny-imagenet")
-    p.add_argument("--out", required=True, metavar="DIR", help="the grid's folder (--out of --grid samples)")
+    p.add_argument("--out", default=None, metavar="DIR", help="the grid's folder (--out of --grid samples)")
+    p.add_argument("--shipped", default=None, metavar="DIR",
+                   help="instead: rewrite the dataset's shipped table and its cards' paired summaries in DIR from "
+                        "the shipped CSV and the cards' seeds (the run folders are not needed)")
     p.add_argument("--grid", default="samples", choices=("samples", "regularised"), help="which grid of the dataset")
     p.add_argument("--export", default=None, metavar="DIR", help="ship the median seeds and the tables here")
     ns = p.parse_args(argv)
+    if ns.shipped:
+        print(rewrite_shipped(Path(ns.shipped), ns.dataset))
+        return 0
+    if ns.out is None:
+        p.error("give --out DIR (or --shipped DIR)")
     base = Path(ns.out)
     if not base.is_dir():
         print(f"error: {base} is not a folder", file=sys.stderr)

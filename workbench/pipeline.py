@@ -160,9 +160,9 @@ def map_path(cfg: PipelineConfig, out: Path, m: ModelRun) -> Path:
 
 def _patch_card(run_dir: Path, **fields) -> None:
     """Add pipeline artefacts (held-out confusion, discovered super-classes) to a checkpoint card."""
-    card = read_card(run_dir)
-    card.update(fields)
-    atomic_write_json(run_dir / "card.json", card)
+    from .checkpoint import update_card
+
+    update_card(run_dir, **fields)
 
 
 FIT_SAMPLE = 10_000   # trained-on images the fit accuracy is measured on

@@ -47,9 +47,17 @@ def card_expert_load(tables: dict[int, np.ndarray]) -> pd.DataFrame:
     return load_frame({layer: counts.sum(0) for layer, counts in sorted(tables.items())})
 
 
-def card_load_balance(tables: dict[int, np.ndarray], max_share: Optional[float] = None) -> pd.DataFrame:
-    """One row per block and "all": the statistics and flags of `routing.load_balance` (no disabled experts)."""
-    return balance_table({layer: counts.sum(0) for layer, counts in sorted(tables.items())}, max_share=max_share)
+def card_load_balance(tables: dict[int, np.ndarray], max_share: Optional[float] = None,
+                      superclasses: Optional[Sequence[int]] = None) -> pd.DataFrame:
+    """One row per block and "all": the statistics and flags of `routing.load_balance` (no disabled experts);
+    with the map of a super-class router, each expert's load is judged against its super-class's share."""
+    expected = None
+    if superclasses is not None and tables:
+        per_class = next(iter(tables.values())).sum(1)                       # images (or tokens) per class
+        expected = np.bincount(np.asarray(superclasses), weights=per_class,
+                               minlength=next(iter(tables.values())).shape[1]) / max(per_class.sum(), 1)
+    return balance_table({layer: counts.sum(0) for layer, counts in sorted(tables.items())}, max_share=max_share,
+                         expected=expected)
 
 
 def card_router_accuracy(tables: dict[int, np.ndarray], superclasses: Sequence[int], top_k: int = 1) -> pd.DataFrame:

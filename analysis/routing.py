@@ -32,7 +32,7 @@ from .collect import RoutingSummary, collect_routing, routing_overrides
 __all__ = [
     "image_expert_counts", "class_expert_counts", "group_table", "expert_load", "load_frame", "balance_table",
     "load_stats", "gini", "cv_squared",
-    "imbalance_flag", "load_balance", "entropy_bits", "routing_entropy", "capacity_drops", "drop_summary",
+    "imbalance_flag", "superclass_shares", "load_balance", "entropy_bits", "routing_entropy", "capacity_drops", "drop_summary",
     "compare_batch_priority", "spatial_expert_maps", "mapped_agreement", "normalized_mutual_info",
     "layer_agreement", "router_superclass_accuracy", "mutual_information", "expert_specialisation",
     "routing_report",
@@ -175,15 +175,20 @@ def _default_thresholds(E: int, max_share: Optional[float], min_share: Optional[
 
 
 def imbalance_flag(shares, max_share: Optional[float] = None, min_share: Optional[float] = None,
-                   collapse_share: float = 0.9) -> tuple:
+                   collapse_share: float = 0.9, expected=None) -> tuple:
     """("ok" | "imbalanced" | "collapsed", reason) for a per-expert share vector.
 
     collapsed: one expert takes >= `collapse_share` of the assignments.
     imbalanced: one expert above `max_share` (default 2/E, at most 0.75) or one
     below `min_share` (default 0.25/E, a nearly dead expert).
+    `expected`: each expert's intended share (a super-class router: its super-class's share of
+    the images). Then only a departure from it is flagged: more than `max_share` - 1/E above it
+    (the allowance the uniform rule gives), or below a quarter of it.
     Shares of disabled experts should be left out by the caller.
     """
     shares = np.asarray(shares, dtype=np.float64)
+    if expected is not None:
+        return _departure_flag(shares, np.asarray(expected, dtype=np.float64), max_share, collapse_share)
     hi, lo = _default_thresholds(len(shares), max_share, min_share)
     top, low = int(shares.argmax()), int(shares.argmin())
     if shares[top] >= collapse_share:
@@ -194,6 +199,27 @@ def imbalance_flag(shares, max_share: Optional[float] = None, min_share: Optiona
     if shares[low] < lo:
         reasons.append(f"expert {low} takes {shares[low]:.1%} (< {lo:.1%})")
     return ("imbalanced", "; ".join(reasons)) if reasons else ("ok", "")
+
+
+def _departure_flag(shares: np.ndarray, expected: np.ndarray, max_share: Optional[float],
+                    collapse_share: float) -> tuple:
+    E = len(shares)
+    allowance = _default_thresholds(E, max_share, None)[0] - 1.0 / E
+    top = int(shares.argmax())
+    if shares[top] >= collapse_share > expected[top]:
+        return "collapsed", f"expert {top} takes {shares[top]:.0%} of assignments (>= {collapse_share:.0%})"
+    reasons = [f"expert {e} takes {shares[e]:.1%}, its super-class {expected[e]:.1%} of the images"
+               for e in range(E) if shares[e] > expected[e] + allowance or shares[e] < 0.25 * expected[e]]
+    return ("imbalanced", "; ".join(reasons)) if reasons else ("ok", "")
+
+
+def superclass_shares(summary: RoutingSummary) -> Optional[np.ndarray]:
+    """Each super-class's share of the summary's images (what a super-class router's experts should
+    carry); None without a map."""
+    if summary.superclasses is None or not len(summary.labels):
+        return None
+    groups = np.asarray(summary.superclasses)[summary.labels]
+    return np.bincount(groups, minlength=summary.num_experts) / len(groups)
 
 
 def _enabled(summary: RoutingSummary, E: int) -> np.ndarray:
@@ -220,27 +246,31 @@ def load_frame(loads: dict) -> pd.DataFrame:
 
 
 def load_balance(summary: RoutingSummary, *, max_share: Optional[float] = None, min_share: Optional[float] = None,
-                 collapse_share: float = 0.9, after_capacity: bool = True) -> pd.DataFrame:
+                 collapse_share: float = 0.9, after_capacity: bool = True, guided: bool = False) -> pd.DataFrame:
     """One row per MoE block, plus "all": share min/max/std/p50/p95, CV^2, Gini, flag.
 
     The "all" row pools the per-expert loads of every block (p50/p95 are then
     across layers and experts), and its flag is the worst block's flag.
-    Disabled experts are left out of the statistics.
+    Disabled experts are left out of the statistics. `guided` (a super-class router): each
+    expert's load is compared with its super-class's share of the images, not with 1/E.
     """
     load = expert_load(summary, after_capacity=after_capacity)
+    expected = superclass_shares(summary) if guided and not summary.settings.get("disabled_experts") else None
     return balance_table({lr.layer: load[load.layer == lr.layer]["count"].to_numpy()[_enabled(summary, lr.num_experts)]
                           for lr in summary.layers}, max_share=max_share, min_share=min_share,
-                         collapse_share=collapse_share)
+                         collapse_share=collapse_share, expected=expected)
 
 
 def balance_table(loads: dict, *, max_share: Optional[float] = None, min_share: Optional[float] = None,
-                  collapse_share: float = 0.9) -> pd.DataFrame:
-    """{block: assignments per (enabled) expert} -> the rows of `load_balance`, "all" included."""
+                  collapse_share: float = 0.9, expected=None) -> pd.DataFrame:
+    """{block: assignments per (enabled) expert} -> the rows of `load_balance`, "all" included;
+    `expected`: the experts' intended shares (see `imbalance_flag`)."""
     rows, pooled, worst = [], [], ("ok", "")
     order = {"ok": 0, "imbalanced": 1, "collapsed": 2}
     for layer, counts in loads.items():
         stats = load_stats(counts)
-        flag, reason = imbalance_flag(counts / max(counts.sum(), 1), max_share, min_share, collapse_share)
+        flag, reason = imbalance_flag(counts / max(counts.sum(), 1), max_share, min_share, collapse_share,
+                                      expected=expected)
         if order[flag] > order[worst[0]]:
             worst = (flag, f"block {layer}: {reason}")
         hi, lo = _default_thresholds(len(counts), max_share, min_share)    # the limits the flag used
@@ -533,13 +563,14 @@ def expert_specialisation(summary: RoutingSummary, layer: Optional[int] = None, 
 
 # =========================================================================== everything
 def routing_report(summary: RoutingSummary, *, max_share: Optional[float] = None,
-                   min_share: Optional[float] = None) -> dict:
-    """Every routing statistic of a summary, as a dict of DataFrames (keys below)."""
+                   min_share: Optional[float] = None, guided: bool = False) -> dict:
+    """Every routing statistic of a summary, as a dict of DataFrames (keys below); `guided`: a
+    super-class router, whose experts' loads are judged against their super-classes' shares."""
     if not summary.layers:
         raise ValueError("a dense model has no routing to analyse")
     report = {
         "load": expert_load(summary),
-        "balance": load_balance(summary, max_share=max_share, min_share=min_share),
+        "balance": load_balance(summary, max_share=max_share, min_share=min_share, guided=guided),
         "entropy": routing_entropy(summary),
         "drops": capacity_drops(summary),
         "drop_summary": drop_summary(summary),

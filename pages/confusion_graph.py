@@ -62,7 +62,7 @@ with right:
     order = order_by_groups(groups) if groups is not None else list(range(len(classes)))
     labels = [classes[i] + (f" [{groups[i]}]" if groups is not None else "") for i in order]
     heat = px.imshow(weights[np.ix_(order, order)], x=labels, y=labels, color_continuous_scale="Blues",
-                     labels=dict(x="predicted", y="true", color="rate"), aspect="equal")
+                     labels=dict(x="predicted", y="true", color="rate"), aspect="equal", zmin=0)
     heat.update_layout(height=560, margin=dict(l=0, r=0, t=10, b=0))
     st.plotly_chart(heat, key="heatmap")
     st.caption("Rows and columns are sorted by super-class, so well-chosen groups show as blocks on the diagonal."

@@ -73,11 +73,27 @@ def confusion_graph_figure(g: nx.Graph, pos: dict, groups: Optional[Sequence[int
     return fig
 
 
+def percent_axis(values, start_at_zero: bool = True) -> dict:
+    """Axis settings for a share or rate: from 0 (`rangemode`), with as many decimals as the range
+    needs for distinct tick labels (a churn of 0-3 % labelled "0 %, 1 %, 1 %, 2 %" misleads)."""
+    v = np.asarray([x for x in np.ravel(values) if x is not None and np.isfinite(x)], dtype=float)
+    span = (v.max() - min(0.0, v.min()) if start_at_zero else np.ptp(v)) if len(v) else 1.0
+    step = 100 * span / 8 if span > 0 else 1.0          # a generous guess at plotly's tick step, in points
+    decimals = max(0, int(np.ceil(-np.log10(step)))) if step < 1 else 0
+    return {"tickformat": f".{decimals}%", **({"rangemode": "tozero"} if start_at_zero else {})}
+
+
 # ----------------------------------------------------------------------------- routing
 def heatmap_figure(df: pd.DataFrame, title: str = "", colorbar: str = "") -> go.Figure:
-    """A labelled heatmap of a group x expert (or block x block) table."""
+    """A labelled heatmap of a group x expert (or block x block) table of counts, shares or rates.
+
+    The colour scale starts at 0, so an all-zero table (no token dropped) reads as empty, not as the
+    middle of the scale; a table of zeros keeps a scale of 0..1."""
+    z = df.to_numpy(dtype=float)
+    top = float(np.nanmax(z)) if np.isfinite(z).any() else 0.0
     fig = go.Figure(go.Heatmap(
-        z=df.to_numpy(), x=[str(c) for c in df.columns], y=[str(i) for i in df.index], colorscale="Blues",
+        z=z, x=[str(c) for c in df.columns], y=[str(i) for i in df.index], colorscale="Blues",
+        zmin=min(0.0, float(np.nanmin(z)) if np.isfinite(z).any() else 0.0), zmax=top if top > 0 else 1.0,
         colorbar={"title": colorbar}, hovertemplate="%{y} / %{x}: %{z:.3g}<extra></extra>",
     ))
     # categorical axes: block and expert numbers are labels, not positions ("3.5" ticks between blocks 3 and 4)
@@ -196,9 +212,14 @@ def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_refer
     """
     gains = moe_gains(df) if len(df) else pd.DataFrame()
     two = paper_reference_trace or not gains.empty
-    fig = make_subplots(rows=2 if two else 1, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35] if two else None,
-                        vertical_spacing=0.08,
+    fig = make_subplots(rows=2 if two else 1, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38] if two else None,
+                        vertical_spacing=0.14,
                         subplot_titles=[title] + (["MoE − dense accuracy gain (same depth × width)"] if two else []))
+    macs = df["macs_active"].astype(float) if len(df) else pd.Series(dtype=float)
+    if paper_reference_trace:
+        macs = pd.concat([macs, paper_reference()["macs"].astype(float)])
+    log_x = len(macs) > 0 and macs.min() > 0 and macs.max() / macs.min() >= LOG_X_RATIO
+    x_of = dodge_equal(df["macs_active"].astype(float), log_x) if len(df) else pd.Series(dtype=float)
     for kind, (color, symbol) in ROUTING_STYLE.items():
         d = df[df["routing"] == kind] if len(df) else df
         if d.empty:
@@ -207,22 +228,22 @@ def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_refer
         spread = [f"mean of {k} seeds ± {s:.2%}" if k > 1 else "one seed" for k, s in zip(n, std.fillna(0))]
         custom = np.stack([d["name"].astype(str), d["preset"].astype(str), d["top_k"].astype(str),
                            d["params_total"].astype(str), d["params_active"].astype(str), d["source"].astype(str),
-                           d["dataset"].astype(str), spread], -1)
-        fig.add_scatter(x=d["macs_active"], y=y, mode="markers", name=kind,
+                           d["dataset"].astype(str), spread, [f"{m / 1e6:.2f} M" for m in d["macs_active"]]], -1)
+        fig.add_scatter(x=x_of[d.index], y=y, mode="markers", name=kind,
                         error_y={"type": "data", "array": std.fillna(0), "visible": bool((n > 1).any()),
                                  "color": color},
                         marker={"color": color, "symbol": symbol, "size": 11, "line": {"width": 1, "color": "white"}},
                         customdata=custom, row=1, col=1,
                         hovertemplate="<b>%{customdata[0]}</b> (%{customdata[1]}, %{customdata[6]})<br>"
-                                      "k=%{customdata[2]}<br>%{x:.3s} MACs/image, accuracy %{y:.2%} "
+                                      "k=%{customdata[2]}<br>%{customdata[8]} MACs/image, accuracy %{y:.2%} "
                                       "(%{customdata[7]})<br>"
                                       "params %{customdata[3]} total, %{customdata[4]} active<br>"
                                       "%{customdata[5]}<extra>" + kind + "</extra>")
         if show_seeds and "seed_accuracies" in d:
             xs, ys = [], []
-            for macs, accs in zip(d["macs_active"], d["seed_accuracies"]):
+            for x, accs in zip(x_of[d.index], d["seed_accuracies"]):
                 if isinstance(accs, list):
-                    xs += [macs] * len(accs)
+                    xs += [x] * len(accs)
                     ys += accs
             if xs:
                 fig.add_scatter(x=xs, y=ys, mode="markers", name=f"{kind}: each seed", row=1, col=1,
@@ -230,19 +251,42 @@ def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_refer
                                 hovertemplate="one seed: %{y:.2%}<extra></extra>")
     if show_frontier and "pareto" in df and df["pareto"].any():
         f = df[df["pareto"]].sort_values("macs_active")
-        fig.add_scatter(x=f["macs_active"], y=_seed_stats(f)[0], mode="lines", name="Pareto frontier",   # the points drawn
+        fig.add_scatter(x=x_of[f.index], y=_seed_stats(f)[0], mode="lines", name="Pareto frontier",   # the points drawn
                         line={"dash": "dot", "color": "grey"}, hoverinfo="skip", row=1, col=1)
     if two:
-        _gain_panel(fig, gains, paper_reference_trace)
-    fig.update_xaxes(type="log", title_text="active MACs per image (log)", row=2 if two else 1, col=1)
+        _gain_panel(fig, gains, paper_reference_trace, x_of, df)
+    # models of equal cost read as equal: a linear axis from 0 unless the costs span a decade
+    axis = {"type": "log"} if log_x else {"type": "linear", "rangemode": "tozero"}
+    fig.update_xaxes(**axis, title_text="active MACs per image" + (" (log)" if log_x else ""), row=2 if two else 1,
+                     col=1)
     if two:
-        fig.update_xaxes(type="log", row=1, col=1)
+        fig.update_xaxes(**axis, row=1, col=1)
     fig.update_yaxes(title_text="accuracy", tickformat=".1%", row=1, col=1)
     fig.update_layout(legend={"orientation": "h", "y": -0.15}, height=650 if two else 450)
     return fig
 
 
-def _gain_panel(fig: go.Figure, gains: pd.DataFrame, paper_reference_trace: bool) -> None:
+LOG_X_RATIO = 10   # costs spanning at least a decade get a log axis
+
+
+def dodge_equal(macs: pd.Series, log_x: bool, step: float = 0.012) -> pd.Series:
+    """x positions that keep every marker visible: models of (almost) equal cost are spread side by
+    side around their cost by a small fraction of the axis (hover still says the real MACs)."""
+    values = macs.astype(float)
+    scale = np.log10(values) if log_x else values
+    span = float(scale.max() - (scale.min() if log_x else 0.0)) or 1.0
+    out = scale.copy()
+    keys = (scale / (span * step)).round()
+    for _, same in scale.groupby(keys):
+        if len(same) > 1:
+            offsets = (np.arange(len(same)) - (len(same) - 1) / 2) * span * step
+            order = same.reset_index().sort_values([same.name or 0, "index"], kind="stable")["index"]
+            out[order.to_numpy()] = same.mean() + offsets   # cheaper first, then in table order
+    return 10 ** out if log_x else out
+
+
+def _gain_panel(fig: go.Figure, gains: pd.DataFrame, paper_reference_trace: bool, x_of: pd.Series,
+                df: pd.DataFrame) -> None:
     """The lower panel of `tradeoff_figure`: MoE − dense gains (bars: paired 95 % t-intervals), the paper's gains."""
     for kind in ("per-image", "per-token"):
         g = gains[gains["routing"] == kind] if not gains.empty else gains
@@ -254,7 +298,9 @@ def _gain_panel(fig: go.Figure, gains: pd.DataFrame, paper_reference_trace: bool
             bar = {"type": "data", "symmetric": False, "color": color,
                    "array": ((g["gain_high"] - g["gain"]) * 100).fillna(0),
                    "arrayminus": ((g["gain"] - g["gain_low"]) * 100).fillna(0)}
-        fig.add_scatter(x=g["macs_active"], y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
+        x = [x_of[df.index[df["name"] == name][0]] if (df["name"] == name).any() else m
+             for name, m in zip(g["name"], g["macs_active"])]
+        fig.add_scatter(x=x, y=g["gain"] * 100, mode="markers", name=f"{kind}: gain over dense",
                         marker={"color": color, "symbol": symbol, "size": 9},
                         error_y=bar,
                         customdata=g[["name", "dense_name", "n"]] if "n" in g else g[["name", "dense_name"]],

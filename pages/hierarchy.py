@@ -80,7 +80,7 @@ m[1].metric("NMI", f"{result['nmi']:.3f}", help="normalised mutual information: 
 m[2].metric("Purity", f"{result['purity']:.1%}", help="share of classes whose discovered group's most common "
             "reference group is their own")
 st.caption(f"Reference: {ref_source}.")
-fig = px.imshow(result["contingency"], text_auto=True, aspect="auto", color_continuous_scale="Blues",
+fig = px.imshow(result["contingency"], text_auto=True, aspect="auto", color_continuous_scale="Blues", zmin=0,
                 labels={"color": "classes"}, title="Classes per discovered group (rows) and reference group (columns)")
 st.plotly_chart(fig.update_layout(height=max(320, 28 * E + 160)), key="contingency")
 st.subheader("Classes per discovered group")

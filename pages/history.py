@@ -11,6 +11,7 @@ from analysis.history import (load_over_time, matched_agreement, router_accuracy
                               settling_epoch)
 from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, eval_subset,
                           linked_selectbox, load_card, load_model, need, need_moe, open_checkpoint)
+from pages.figures import percent_axis
 from workbench.snapshots import SnapshotError, load_history
 
 
@@ -58,7 +59,7 @@ else:
     if len(churn):
         fig = px.line(churn, x="epoch", y="churn", markers=True, title=f"Routing churn ({unit} that changed expert)")
         fig.add_hline(y=threshold, line_dash="dash", annotation_text="settled threshold")
-        left.plotly_chart(fig.update_layout(yaxis_tickformat=".0%"), key="churn")
+        left.plotly_chart(fig.update_yaxes(**percent_axis([*churn["churn"], threshold])), key="churn")
     else:
         left.caption("Churn needs at least two epochs of snapshots.")
     load = load_over_time(history, E, layer).reset_index().melt("epoch", var_name="expert", value_name="share")
@@ -69,7 +70,7 @@ else:
         acc = router_accuracy_over_time(history, sc, layer)
         st.plotly_chart(px.line(acc, x="epoch", y="router accuracy", markers=True,
                                 title="Router accuracy vs super-classes (expert g = super-class g)")
-                        .update_layout(yaxis_tickformat=".0%"), key="router_acc_time")
+                        .update_yaxes(**percent_axis(acc["router accuracy"])), key="router_acc_time")
 
 st.subheader("Compare with another model")
 st.caption("Two routers can learn the same partition under different expert numbers; the agreement below is "

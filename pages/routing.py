@@ -26,7 +26,7 @@ def routing_analysis(digest: str, n: int, top_k: int, capacity_ratio, bpr, disab
         summary = collect_routing(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
                                   classes=_card.get("classes"), superclass_names=sc.get("names"), bf16=bf16)
         macs = count_macs(model, _ds.image_shape, routing=summary.to_records())
-    report = R.routing_report(summary, max_share=max_share)
+    report = R.routing_report(summary, max_share=max_share, guided=model.cfg.superclasses is not None)
     return {"summary": summary, "report": report, "macs": macs, "accuracy": summary.accuracy}
 
 
@@ -106,9 +106,14 @@ m[0].metric(f"Accuracy on {len(ds)} test images", f"{res['accuracy']:.2%}",
 m[1].metric("MACs per image (at these settings)", f"{res['macs']['active'] / 1e6:.2f} M")
 m[2].metric("Params active", f"{res['macs']['params_active'] / 1e6:.3f} M")
 flag_row = report["balance"].iloc[-1]
-limits = (f"expert shares {flag_row['min_share']:.1%}–{flag_row['max_share']:.1%}; a block is flagged when one "
-          f"expert takes more than {flag_row['highest_allowed']:.1%} (sidebar) or less than "
-          f"{flag_row['lowest_allowed']:.1%}, collapsed at 90 %")
+if cfg.get("superclasses") is not None:   # a super-class router's load follows its super-classes by design
+    limits = (f"expert shares {flag_row['min_share']:.1%}–{flag_row['max_share']:.1%}, each compared with its "
+              f"super-class's share of these images: flagged when more than {max_share - 1 / E:.1%} above it "
+              "(sidebar) or below a quarter of it")
+else:
+    limits = (f"expert shares {flag_row['min_share']:.1%}–{flag_row['max_share']:.1%}; a block is flagged when one "
+              f"expert takes more than {flag_row['highest_allowed']:.1%} (sidebar) or less than "
+              f"{flag_row['lowest_allowed']:.1%}, collapsed at 90 %")
 m[3].metric("Load balance", str(flag_row["flag"]), help=limits)
 if flag_row["flag"] != "ok":
     st.warning(f"Expert load is **{flag_row['flag']}**: {flag_row['reason']}")

@@ -50,7 +50,7 @@ def show(card: dict) -> None:
     st.header("Expert load and balance")
     left, right = st.columns([1.3, 1])
     left.plotly_chart(F.expert_load_figure(card_expert_load(tables)), key="card_load")
-    bal = card_load_balance(tables)
+    bal = card_load_balance(tables, superclasses=cfg.get("superclasses"))
     right.dataframe(bal[["layer", "min_share", "max_share", "cv2", "gini", "entropy_norm", "flag"]].round(3),
                     hide_index=True)
     if cfg.get("family") == "mvmoe" and sc.get("assignment"):

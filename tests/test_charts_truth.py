@@ -1,0 +1,55 @@
+"""Charts tell the truth at a glance: rates start at 0, equal costs read as equal, every marker is
+visible, tick labels are distinct, and a warning fires only on something unexpected."""
+import numpy as np
+import pandas as pd
+
+from analysis.routing import imbalance_flag
+from pages.figures import dodge_equal, heatmap_figure, percent_axis, tradeoff_figure
+
+
+def test_a_rate_heatmap_starts_at_zero_so_no_drops_reads_as_empty():
+    zero = pd.DataFrame(np.zeros((4, 2)), index=pd.Index(range(4), name="expert"), columns=[0, 1])
+    fig = heatmap_figure(zero, colorbar="drop rate")
+    assert fig.data[0].zmin == 0 and fig.data[0].zmax == 1      # all zero: the bottom of the scale
+    agreement = pd.DataFrame([[1.0, 0.45], [0.45, 1.0]])
+    assert heatmap_figure(agreement).data[0].zmin == 0           # not the smallest value (0.45)
+
+
+def test_percent_axes_label_every_tick_differently():
+    churn = [0.0, 0.004, 0.012, 0.03]
+    fmt = percent_axis(churn)["tickformat"]
+    ticks = np.arange(0, 0.0301, 0.005)                          # plotly's step for this range
+    labels = [f"{100 * t:.{int(fmt[1])}f}%" for t in ticks]
+    assert len(set(labels)) == len(labels) and percent_axis(churn)["rangemode"] == "tozero"
+
+
+def _table(macs, routing, names):
+    n = len(macs)
+    return pd.DataFrame({"name": names, "preset": names, "routing": routing, "macs_active": macs,
+                         "accuracy": np.linspace(0.26, 0.28, n), "top_k": 1, "params_total": 1, "params_active": 1,
+                         "source": "card", "dataset": "tiny-imagenet", "depth": 6, "width": 64, "router": routing})
+
+
+def test_models_of_equal_cost_read_as_equal_and_none_hides_another():
+    df = _table([22.62e6, 22.62e6, 22.51e6, 22.62e6], ["dense", "per-image", "per-token", "per-image"],
+                ["dense", "moe", "token", "e2e"])
+    fig = tradeoff_figure(df)
+    axis = fig.layout.xaxis
+    assert axis.type == "linear" and axis.rangemode == "tozero"   # a 0.5 % cost range is not stretched
+    xs = [x for t in fig.data if t.mode == "markers" and t.yaxis in (None, "y") for x in t.x]
+    assert len(set(np.round(xs, -3))) == 4                        # four markers, four places
+    assert max(xs) / min(xs) < 1.05                               # and still side by side
+
+
+def test_costs_a_decade_apart_get_a_log_axis():
+    assert tradeoff_figure(_table([1e6, 30e6], ["dense", "dense"], ["a", "b"])).layout.xaxis.type == "log"
+    x = dodge_equal(pd.Series([16.72e6] * 3 + [36.1e6]), log_x=False)
+    assert x.iloc[3] == 36.1e6 and len(set(x.iloc[:3])) == 3 and abs(x.iloc[:3].mean() - 16.72e6) < 1
+
+
+def test_a_super_class_router_is_judged_against_its_super_classes_sizes():
+    shares = np.array([0.526, 0.2, 0.174, 0.1])                   # expert 0's group holds half the images
+    assert imbalance_flag(shares)[0] == "imbalanced"              # against 1/E: flagged
+    assert imbalance_flag(shares, expected=[0.5, 0.2, 0.2, 0.1]) == ("ok", "")
+    flag, reason = imbalance_flag(shares, expected=[0.25, 0.25, 0.25, 0.25])
+    assert flag == "imbalanced" and "expert 0 takes 52.6%, its super-class 25.0% of the images" in reason

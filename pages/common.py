@@ -317,6 +317,18 @@ def _ref_from_url(refs: list[str]) -> Optional[str]:
     return None
 
 
+SHOWCASE = "samples/fmnist-mvmoe-6x64-e4k1"   # what a new session opens on: the shipped super-class MoE
+
+
+def default_checkpoint(refs: list, problems: dict) -> str:
+    """A new session's checkpoint: the showcase sample, else the first shipped sample, else the first
+    run that opens (a run trained from the UI never displaces the samples for the next visitor)."""
+    usable = [ref for ref in refs if problems[ref] is None]
+    if SHOWCASE in usable:
+        return SHOWCASE
+    return next((ref for ref in usable if ref.startswith("samples")), usable[0] if usable else refs[0])
+
+
 def checkpoint_picker() -> Optional[Path]:
     """Sidebar checkpoint selector shared by all pages; the choice is kept in session state and the URL.
 
@@ -343,7 +355,7 @@ def checkpoint_picker() -> Optional[Path]:
         if current is not None:
             st.sidebar.warning(f"Checkpoint `{md(short(current, 80))}` is gone (deleted or renamed); "
                                "showing another one.")
-        current = next((ref for ref in refs if problems[ref] is None), refs[0])
+        current = default_checkpoint(refs, problems)
     st.session_state["w_ckpt"] = current  # see linked_selectbox: the shared choice drives the widget
 
     def changed():

@@ -269,19 +269,28 @@ def tradeoff_figure(df: pd.DataFrame, *, show_frontier: bool = True, paper_refer
 LOG_X_RATIO = 10   # costs spanning at least a decade get a log axis
 
 
-def dodge_equal(macs: pd.Series, log_x: bool, step: float = 0.012) -> pd.Series:
-    """x positions that keep every marker visible: models of (almost) equal cost are spread side by
-    side around their cost by a small fraction of the axis (hover still says the real MACs)."""
+def dodge_equal(macs: pd.Series, log_x: bool, step: float = 0.02) -> pd.Series:
+    """x positions that keep every marker visible: models of (almost) equal cost, closer than `step`
+    of the axis, are spread side by side around their mean cost, cheaper first, so the order of costs
+    is kept (hover still says the real MACs)."""
     values = macs.astype(float)
     scale = np.log10(values) if log_x else values
     span = float(scale.max() - (scale.min() if log_x else 0.0)) or 1.0
-    out = scale.copy()
-    keys = (scale / (span * step)).round()
-    for _, same in scale.groupby(keys):
-        if len(same) > 1:
-            offsets = (np.arange(len(same)) - (len(same) - 1) / 2) * span * step
-            order = same.reset_index().sort_values([same.name or 0, "index"], kind="stable")["index"]
-            out[order.to_numpy()] = same.mean() + offsets   # cheaper first, then in table order
+    ordered = scale.reset_index(drop=True).sort_values(kind="stable")
+    out = np.asarray(scale, dtype=float).copy()
+    clusters, current = [], [ordered.index[0]] if len(ordered) else []
+    for prev, i in zip(ordered.index[:-1], ordered.index[1:]):
+        if ordered[i] - ordered[prev] < span * step:
+            current.append(i)
+        else:
+            clusters.append(current)
+            current = [i]
+    clusters += [current] if current else []
+    for members in clusters:
+        centre = float(np.mean([ordered[i] for i in members]))
+        for rank, i in enumerate(members):
+            out[i] = centre + (rank - (len(members) - 1) / 2) * span * step
+    out = pd.Series(out, index=macs.index)
     return 10 ** out if log_x else out
 
 

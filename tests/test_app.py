@@ -494,3 +494,16 @@ def test_a_pipeline_model_shows_its_run_report_on_the_overview(open_page, tmp_pa
     assert not at.exception
     assert any("pipeline run `pipe`" in e.label for e in at.expander)
     assert any("the report's own words" in m.value for m in at.markdown)
+
+
+def test_a_new_session_opens_on_the_showcase_sample_not_on_a_run(monkeypatch, tmp_path, tiny_samples):
+    """runs/ sorts before samples/: a run trained from the UI must not become everyone's first view."""
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(ROOT / "sample_checkpoints"))
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_samples / "vit-2x32", runs / "a-toy-run")
+    monkeypatch.setenv("WORKBENCH_RUNS", str(runs))
+    at = _app("overview")
+    _no_exception(at, "overview")
+    assert at.session_state["w_ckpt"] == "samples/fmnist-mvmoe-6x64-e4k1"
+    at = _app("overview", ckpt="runs/a-toy-run")                   # a link still opens the run
+    assert at.session_state["w_ckpt"] == "runs/a-toy-run"

@@ -38,7 +38,7 @@ def test_models_of_equal_cost_read_as_equal_and_none_hides_another():
     assert axis.type == "linear" and axis.rangemode == "tozero"   # a 0.5 % cost range is not stretched
     xs = [x for t in fig.data if t.mode == "markers" and t.yaxis in (None, "y") for x in t.x]
     assert len(set(np.round(xs, -3))) == 4                        # four markers, four places
-    assert max(xs) / min(xs) < 1.05                               # and still side by side
+    assert max(xs) / min(xs) < 1.08                               # and still side by side
 
 
 def test_costs_a_decade_apart_get_a_log_axis():
@@ -53,3 +53,8 @@ def test_a_super_class_router_is_judged_against_its_super_classes_sizes():
     assert imbalance_flag(shares, expected=[0.5, 0.2, 0.2, 0.1]) == ("ok", "")
     flag, reason = imbalance_flag(shares, expected=[0.25, 0.25, 0.25, 0.25])
     assert flag == "imbalanced" and "expert 0 takes 52.6%, its super-class 25.0% of the images" in reason
+
+
+def test_spreading_equal_costs_keeps_the_cheaper_model_left():
+    x = dodge_equal(pd.Series([22.62e6, 22.62e6, 22.51e6, 22.62e6], index=[4, 7, 9, 12]), log_x=False)
+    assert x[9] == x.min() and x[4] < x[7] < x[12]

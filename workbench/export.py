@@ -1,6 +1,6 @@
 """Export a checkpoint for deployment: ONNX (checked in onnxruntime) and a Hugging Face–style folder.
 
-    python -m workbench.export CHECKPOINT --format onnx --out model.onnx [--hf-dir DIR] [--no-check]
+    python -m workbench.export CHECKPOINT --format onnx --out model.onnx [--hf-dir DIR] [--no-check] [--replace]
 
 Why a parity check: an exported MoE can look fine and be wrong. Tracing records
 only the branch the example input took, so a per-image MoE traced on an image
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, read_card
+from .checkpoint import CARD, TRAIN_STATE, WEIGHTS, CheckpointError, load_checkpoint, read_card
+from .runs import STATUS_FILE, TEMP_SUFFIX, atomic_copy, atomic_write_bytes, atomic_write_json
 
 __all__ = ["ExportError", "export_onnx", "check_all_experts_in_graph", "onnx_parity", "verify_export",
            "write_hf_folder"]
@@ -35,6 +36,11 @@ PARITY_TARGET = {"agreement": 0.999, "max_abs_diff": 1e-4}   # fp32
 
 class ExportError(ValueError):
     """The model cannot be exported, or the export does not match the model."""
+
+
+EXPORT_LIBRARY = "moe-vision-workbench"   # config.json's library_name: marks a folder `write_hf_folder` wrote
+# what marks a folder as a checkpoint or a run: an export never writes into one (except an earlier export)
+MODEL_FOLDER_FILES = (WEIGHTS, CARD, TRAIN_STATE, STATUS_FILE)
 
 
 def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple) -> Path:
@@ -52,6 +58,57 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple) -> Path:
         raise ExportError(f"torch.onnx.export failed for {model.cfg.family} model: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return path
+
+
+def is_earlier_export(folder: Path) -> bool:
+    """A folder `write_hf_folder` wrote (its config.json names this library), with no training state."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("library_name") == EXPORT_LIBRARY and not any(
+        (Path(folder) / f).exists() for f in (TRAIN_STATE, STATUS_FILE))
+
+
+def _model_folder(path: Path) -> Optional[Path]:
+    """The checkpoint or run folder `path` is, or lies inside (the nearest), else None."""
+    for folder in [path, *path.parents]:
+        if folder.is_dir() and any((folder / f).exists() for f in MODEL_FOLDER_FILES):
+            return folder
+    return None
+
+
+def check_outputs(checkpoint: Path, out: Path, hf_dir: Optional[Path], replace: bool) -> None:
+    """Refuse, before any work, an output that would destroy what the user did not name for replacing:
+    a --out that is not a .onnx file, or that is or lies inside a checkpoint or run folder; an --hf-dir
+    that is the source, or a checkpoint or run folder that is not an earlier export, or an earlier
+    export without --replace. ValueError saying why."""
+    source, out = checkpoint.resolve(), out.resolve()
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"--out {out}: give a .onnx file to write")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a .onnx file to write")
+    holder = _model_folder(out.parent)
+    if holder is not None and not (replace and is_earlier_export(holder)):
+        raise ValueError(f"--out {out}: lies inside the checkpoint or run folder {holder}; write the .onnx elsewhere"
+                         + (" (add --replace to update an earlier export)" if is_earlier_export(holder) else ""))
+    if out.exists() and not replace:
+        raise ValueError(f"--out {out}: already exists; add --replace to overwrite it")
+    if hf_dir is None:
+        return
+    hf = hf_dir.resolve()
+    if hf == source or source in hf.parents:
+        raise ValueError(f"--hf-dir {hf}: is the checkpoint being exported (or inside it); choose a new folder")
+    holder = _model_folder(hf)
+    if holder is not None and holder != hf:
+        raise ValueError(f"--hf-dir {hf}: lies inside the checkpoint or run folder {holder}; choose a new folder")
+    if holder == hf and not is_earlier_export(hf):
+        raise ValueError(f"--hf-dir {hf}: is a checkpoint or run folder, not an earlier export; its weights and "
+                         "card would be replaced. Choose a new folder")
+    if holder == hf and not replace:
+        raise ValueError(f"--hf-dir {hf}: holds an earlier export; add --replace to overwrite it")
+    if hf.exists() and not hf.is_dir():
+        raise ValueError(f"--hf-dir {hf}: is a file, not a folder")
 
 
 def _expert_weight_shapes(model: torch.nn.Module) -> list[tuple[str, tuple]]:
@@ -116,13 +173,13 @@ def write_hf_folder(checkpoint: Path, out: Path, parity: Optional[dict] = None) 
     checkpoint, out = Path(checkpoint), Path(out)
     card = read_card(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint / "model.safetensors", out / "model.safetensors")
-    shutil.copyfile(checkpoint / "card.json", out / "card.json")
-    config = {"library_name": "moe-vision-workbench", "preset": card.get("preset"), "family":
+    atomic_copy(checkpoint / WEIGHTS, out / WEIGHTS)
+    atomic_copy(checkpoint / CARD, out / CARD)
+    config = {"library_name": EXPORT_LIBRARY, "preset": card.get("preset"), "family":
               card["config"].get("family"), "id2label": {str(i): c for i, c in enumerate(card.get("classes") or [])},
               **card["config"]}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(card, parity))
+    atomic_write_json(out / "config.json", config)
+    atomic_write_bytes(out / "README.md", _model_card(card, parity).encode("utf-8"))
     return out
 
 
@@ -161,6 +218,16 @@ def _model_card(card: dict, parity: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {n}")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workbench.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="checkpoint folder (model.safetensors + card.json)")
@@ -168,19 +235,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="the .onnx file to write")
     ap.add_argument("--hf-dir", help="also write a Hugging Face-style folder here (with the .onnx inside)")
     ap.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
-    ap.add_argument("--check-images", type=int, default=10000, help="test images for the parity check")
+    ap.add_argument("--check-images", type=_positive, default=10000, help="test images for the parity check (>= 1)")
+    ap.add_argument("--replace", action="store_true",
+                    help="overwrite an existing --out file or an earlier export in --hf-dir (never a checkpoint "
+                         "or run folder)")
     args = ap.parse_args(argv)
     try:
+        check_outputs(Path(args.checkpoint), Path(args.out), Path(args.hf_dir) if args.hf_dir else None, args.replace)
         model, card = load_checkpoint(args.checkpoint)
         cfg = card["config"]
         shape = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-        path = export_onnx(model, Path(args.out), shape)
-        n_experts = check_all_experts_in_graph(model, path)
-        parity = None if args.no_check else _check(model, path, card, shape, args.check_images)
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}{TEMP_SUFFIX}")   # a failed export leaves no half file
+        try:
+            export_onnx(model, tmp, shape)
+            n_experts = check_all_experts_in_graph(model, tmp)
+            parity = None if args.no_check else _check(model, tmp, card, shape, args.check_images)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        path = out
         if args.hf_dir:
             folder = write_hf_folder(Path(args.checkpoint), Path(args.hf_dir), parity)
-            shutil.copyfile(path, folder / "model.onnx")
-    except (CheckpointError, ExportError, ValueError) as e:
+            atomic_copy(path, folder / "model.onnx")
+    except (CheckpointError, ExportError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; {n_experts} MoE layer(s) with all experts)")

@@ -83,12 +83,21 @@ def test_the_pipeline_config_file_cannot_be_combined_with_flags(tmp_path, capsys
     (["--seed", "-1"], "--seed must be between 0"),
     (["--superclass-loss-weight", "-0.5"], "superclass_loss_weight must be a number >= 0"),
     (["--set", "num_classes=3"], "set from the dataset"),
+    (["--set", "superclasses=reference"], "given with --superclasses FILE (or --superclasses reference)"),
 ])
 def test_every_flag_is_range_checked_with_a_clear_message(tmp_path, capsys, flags, message):
     assert main(cli(tmp_path / "run", *flags)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_override_that_makes_a_preset_valid_is_applied_before_any_check(tmp_path):
+    """A per-token model of depth 2 has one odd block: its preset's default 'last-2' is invalid, and
+    --set moe_layers=[1] is what makes it valid (the card's command rebuilds the same config)."""
+    assert main(cli(tmp_path / "run", "--model", "vmoe-2x32-e4k2", "--set", "moe_layers=[1]", "--max-steps", "1")) == 0
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    assert card["config"]["moe_layers"] == [1] and "moe_layers=[1]" in card["command"]
 
 
 def test_out_pointing_at_a_file_or_below_one_is_a_clear_error(tmp_path, capsys):

@@ -170,7 +170,8 @@ class TrainConfig:
     def to_argv(self) -> list[str]:
         """The `python -m workbench.train` flags that rebuild this config (defaults left out)."""
         argv = ["--model", self.preset]
-        base = model_from_preset(self.preset, {}).to_dict()
+        base = _preset_defaults(self.preset)   # not a ModelConfig: a preset's defaults alone may be invalid
+        #                                        (vmoe-2x32: 'last-2' needs two odd blocks; --set moe_layers=[1])
         for key, value in self.model.to_dict().items():
             if key in DATA_FIELDS or key == "superclasses" or value == base[key]:
                 continue
@@ -191,6 +192,13 @@ class TrainConfig:
         prefix = (f"torchrun --nproc_per_node={world_size} -m workbench.train" if world_size > 1
                   else "python -m workbench.train")
         return f"{prefix} {shlex.join(self.to_argv())}"
+
+
+def _preset_defaults(preset: str) -> dict:
+    """Every ModelConfig field as the preset alone sets it (the field defaults plus the preset's shape)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(_models().ModelConfig)}
+    return json.loads(json.dumps({**defaults, **_models().parse_preset(preset)}))
 
 
 def model_config(fields: dict) -> ModelConfig:
@@ -357,6 +365,9 @@ def model_from_fields(fields: dict, overrides: dict, source: str) -> ModelConfig
     fixed = sorted(k for k in overrides if k in DATA_FIELDS)
     if fixed:
         raise ValueError(f"{fixed} are set from the dataset, not by --set")
+    if "superclasses" in overrides:
+        raise ValueError("a super-class map is given with --superclasses FILE (or --superclasses reference), "
+                         "not with --set superclasses=")
     clash = sorted(k for k in fields if k in overrides and overrides[k] != fields[k])
     if clash:
         raise ValueError(f"{clash} contradict {source}; change the shape there instead")

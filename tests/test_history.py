@@ -53,6 +53,25 @@ def test_a_pickled_or_inconsistent_snapshot_is_refused_with_its_name(tmp_path):
         load_history(tmp_path)
 
 
+def test_a_small_file_that_would_inflate_to_a_gigabyte_is_refused_from_its_headers(tmp_path):
+    import io
+    import resource
+    import time
+
+    import zipfile
+
+    save_snapshot(tmp_path, 1, np.arange(4), np.zeros(4), {4: np.array([0, 1, 1, 0])})
+    header = io.BytesIO()                       # a header announcing 1 GiB of int16; a deflate of zeros is ~1 MB
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i2", "fortran_order": False, "shape": (1 << 29,)})
+    with zipfile.ZipFile(tmp_path / "routing" / "epoch-0001.npz", "a", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("layer_5.npy", header.getvalue() + bytes(1 << 16))
+    rss, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    with pytest.raises(SnapshotError, match="epoch-0001.npz: its arrays would take more than 64 MB"):
+        load_history(tmp_path)
+    assert load_epoch(tmp_path, 1) is None
+    assert time.monotonic() - t0 < 5 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000  # KB
+
+
 def test_a_snapshot_of_a_real_model_names_each_moe_block_and_restores_training_mode():
     from workbench.models import create_model
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -28,6 +29,8 @@ PathLike = Union[str, Path]
 FOLDER = "routing"
 PROBE_SIZE = 256
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024   # refuse to read anything bigger: these files are KBs
+MAX_SNAPSHOT_ARRAY_BYTES = 64 * 1024 * 1024   # and anything that inflates past this once decompressed
+MAX_SNAPSHOT_ARRAYS = 64
 _NAME = re.compile(r"epoch-(\d{4,6})\.npz")
 
 __all__ = ["FOLDER", "PROBE_SIZE", "RoutingHistory", "probe_indices", "routing_snapshot", "save_snapshot",
@@ -96,10 +99,36 @@ def _read(path: Path) -> dict:
     if path.stat().st_size > MAX_SNAPSHOT_BYTES:
         raise SnapshotError(f"{path}: {path.stat().st_size} bytes is too big for a routing snapshot")
     try:
+        _check_array_sizes(path)
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
+    except SnapshotError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SnapshotError(f"{path}: not a readable routing snapshot ({e})") from e
+
+
+def _check_array_sizes(path: Path) -> None:
+    """Refuse a snapshot whose arrays would inflate past MAX_SNAPSHOT_ARRAY_BYTES in all, judged from
+    the .npy headers alone (a few compressed bytes each) before any array is decompressed: a 1 MB file
+    can hold a 1 GiB array of zeros."""
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        members = z.infolist()
+        if len(members) > MAX_SNAPSHOT_ARRAYS:
+            raise SnapshotError(f"{path}: {len(members)} arrays; a routing snapshot has a few")
+        for info in members:
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+            if dtype.hasobject:
+                raise SnapshotError(f"{path}: {info.filename} holds Python objects")
+            total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if total > MAX_SNAPSHOT_ARRAY_BYTES:
+                raise SnapshotError(f"{path}: its arrays would take more than {MAX_SNAPSHOT_ARRAY_BYTES >> 20} MB "
+                                    "in memory; a routing snapshot takes kilobytes")
 
 
 def load_epoch(run_dir: PathLike, epoch: int) -> dict[int, np.ndarray] | None:

@@ -5,9 +5,10 @@ import torch
 
 from analysis.collect import collect_routing, routing_overrides
 from analysis.routing import drop_summary, spatial_expert_maps
-from pages.figures import spatial_map_figure
 from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, dataset_or_none, load_card,
                           load_eval_data, load_model, md, need)
+from pages.figures import spatial_map_figure
+from workbench.checkpoint import CheckpointError
 
 st.title("Learn MoE")
 st.markdown("""
@@ -88,7 +89,12 @@ def route_one(digest: str, index: int, capacity_ratio: float, bpr: bool, top_k: 
 
 selected = checkpoint_picker()
 token_path = _per_token_checkpoint(selected)
-card = load_card(selected) if selected is not None else None
+card = None
+if selected is not None:
+    try:
+        card = load_card(selected)
+    except (CheckpointError, OSError) as e:   # as on every page: say so, and teach with another model
+        st.warning(f"The selected checkpoint cannot be opened: {md(e)}. This page uses another model.")
 if token_path is not None:
     token_card = load_card(token_path)
     model, digest = load_model(token_path), checkpoint_hash(token_path)

@@ -507,3 +507,17 @@ def test_a_new_session_opens_on_the_showcase_sample_not_on_a_run(monkeypatch, tm
     assert at.session_state["w_ckpt"] == "samples/fmnist-mvmoe-6x64-e4k1"
     at = _app("overview", ckpt="runs/a-toy-run")                   # a link still opens the run
     assert at.session_state["w_ckpt"] == "runs/a-toy-run"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_a_card_that_fails_validation_gives_a_warning_on_every_page(monkeypatch, tmp_path, tiny_samples, page):
+    root = tmp_path / "samples"
+    shutil.copytree(tiny_samples / "vit-2x32", root / "broken")
+    card = json.loads((root / "broken" / "card.json").read_text())
+    card["metrics"]["test_accuracy"] = 7.5                      # not a fraction: validate_card refuses it
+    (root / "broken" / "card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("WORKBENCH_SAMPLES", str(root))
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    at = _app(page, ckpt="samples/broken")
+    _no_exception(at, page)
+    assert any("cannot be opened" in w.value and "must be a fraction" in w.value for w in at.warning), page

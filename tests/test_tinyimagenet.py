@@ -90,6 +90,36 @@ def test_an_archive_member_outside_the_destination_is_refused(tmp_path):
     assert not (tmp_path / "escaped.txt").exists()
 
 
+def test_an_archive_that_would_unpack_past_the_bound_is_refused_before_writing(tmp_path, monkeypatch):
+    src = _write_layout(tmp_path / "src")
+    archive = _zip(src, tmp_path / "big.zip", extra={"tiny-imagenet-200/filler.bin": "0" * 4096})
+    monkeypatch.setattr(tin, "MAX_EXTRACTED_BYTES", 2048)
+    with pytest.raises(DatasetError, match="once unpacked"):
+        tin.extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_disk_that_fills_while_unpacking_leaves_no_partial_dataset(tmp_path, monkeypatch):
+    import errno
+    import zipfile
+
+    src = _write_layout(tmp_path / "src")
+    archive = _zip(src, tmp_path / "tiny.zip")
+    real = zipfile.ZipFile.extractall
+
+    def fill_the_disk(self, path=None, *args, **kwargs):
+        real(self, path, members=self.namelist()[:3])                # a few files land, then ENOSPC
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", fill_the_disk)
+    with pytest.raises(DatasetError, match="No space left on device.*nothing was kept"):
+        tin.extract(archive, tmp_path / "data")
+    assert list((tmp_path / "data").iterdir()) == []                # no tree, no staging folder
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", real)        # space freed: the next run unpacks it all
+    assert (tin.extract(archive, tmp_path / "data") / "wnids.txt").is_file()
+    assert len(load_dataset("tiny-imagenet", "test", root=tmp_path / "data")) == 8
+
+
 def test_the_download_command_prints_the_terms(tmp_path, capsys, monkeypatch):
     from workbench import data
 

@@ -95,21 +95,49 @@ def read_layout(root: Path) -> tuple[list[str], list[str], list[tuple[Path, int]
     return wnids, classes, train, val
 
 
+MAX_EXTRACTED_BYTES = 1 << 30      # the official archive holds ~250 MB of JPEGs: refuse anything past 1 GiB
+MAX_MEMBERS = 250_000              # ... and ~120,000 files
+
+
 def extract(archive: Path, dest: Path) -> Path:
-    """Unpack the official zip into `dest` (refusing members that would land outside it) -> the dataset folder."""
+    """Unpack the official zip into `dest` -> the dataset folder, all or nothing.
+
+    Refused before anything is written: members that would land outside `dest`, more than
+    MAX_MEMBERS files or MAX_EXTRACTED_BYTES in all once decompressed (zipfile never inflates a
+    member past the size it declares). The tree is unpacked into a temporary folder beside the
+    destination and moved into place only when complete, so a full disk or a kill leaves no
+    partial dataset that a later run would take for a finished one.
+    """
     dest = dest.resolve()
+    final = dest / FOLDER
     try:
         with zipfile.ZipFile(archive) as z:
-            for m in z.infolist():
+            members = z.infolist()
+            for m in members:
                 target = (dest / m.filename).resolve()
                 if dest not in target.parents and target != dest:
                     raise TinyImageNetError(f"{archive}: member {m.filename!r} would be written outside {dest}")
-            if not any(m.filename.rstrip("/") == f"{FOLDER}/wnids.txt" for m in z.infolist()):
+            if not any(m.filename.rstrip("/") == f"{FOLDER}/wnids.txt" for m in members):
                 raise TinyImageNetError(f"{archive}: no {FOLDER}/wnids.txt inside; not the Tiny ImageNet archive")
-            z.extractall(dest)
+            total = sum(m.file_size for m in members)
+            if len(members) > MAX_MEMBERS or total > MAX_EXTRACTED_BYTES:
+                raise TinyImageNetError(f"{archive}: {len(members)} files, {total / 1e6:.0f} MB once unpacked; the "
+                                        f"Tiny ImageNet archive has ~120,000 files and ~250 MB. Not unpacking it")
+            dest.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=dest, prefix=f".{FOLDER}.partial-"))
+            try:
+                z.extractall(staging)
+                if final.exists():
+                    raise TinyImageNetError(f"{final} appeared while unpacking; remove it or use it")
+                os.replace(staging / FOLDER, final)
+            except OSError as e:
+                raise TinyImageNetError(f"unpacking {archive} into {dest} failed ({e.strerror or e}); nothing was "
+                                        "kept, free some space and run the download again") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     except zipfile.BadZipFile as e:
         raise TinyImageNetError(f"{archive}: not a zip archive ({e})") from None
-    return dest / FOLDER
+    return final
 
 
 def download(root: Path, url: str = URL, md5: Optional[str] = MD5) -> Path:

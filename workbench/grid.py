@@ -53,9 +53,14 @@ TINY_IMAGENET_REGULARISED_GRID = {"6x64": ("vit-6x64", 3, ["vit-6x64:continue=10
 TINY_IMAGENET_REGULARISED_RECIPE = {"epochs": 40, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1,
                                     "augmentation": "crop-flip", "mixup_alpha": 0.2, "mlp_dropout": 0.1,
                                     "num_groups": 10}
+# Its screen: the same recipe for 15 epochs, seed 0 (does the MoE's train - val gap close?). The MoE of the
+# screen trained on seed 0's map of the plain recipe (sample_checkpoints/pipeline-tiny-imagenet-6x64), beside
+# its dense twin rather than after it; the pipeline then evaluated both.
+TINY_IMAGENET_SCREEN_GRID = {"6x64": ("vit-6x64", 1, [])}
 GRIDS = {   # (--grid, dataset) -> (cells, recipe); a dataset without its own grid takes Fashion-MNIST's
     ("samples", "tiny-imagenet"): (TINY_IMAGENET_GRID, TINY_IMAGENET_RECIPE),
     ("regularised", "tiny-imagenet"): (TINY_IMAGENET_REGULARISED_GRID, TINY_IMAGENET_REGULARISED_RECIPE),
+    ("screen", "tiny-imagenet"): (TINY_IMAGENET_SCREEN_GRID, {**TINY_IMAGENET_REGULARISED_RECIPE, "epochs": 15}),
 }
 
 
@@ -179,7 +184,7 @@ def median_seed(rows: list) -> int:
     return ranked[(len(ranked) - 1) // 2]["seed"]
 
 
-def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
+def write_grid(cfg: PipelineConfig, base: Path, reports: dict, ship: bool = True) -> None:
     """grid-results.csv and grid.md from every finished (size, seed) so far; with --export, the
     median-seed checkpoint of each (size, model) with every seed's metrics in its card, and the
     dataset's shipped tables, which also keep the rows of its other grids (other folders)."""
@@ -191,7 +196,8 @@ def write_grid(cfg: PipelineConfig, base: Path, reports: dict) -> None:
     atomic_write_bytes(base / "grid.md", grid_table(rows).encode("utf-8"))
     if not cfg.export:
         return
-    _export_checkpoints(cfg, base, reports, rows)
+    if ship:       # (a screen adds its rows to the shipped tables and ships no checkpoint)
+        _export_checkpoints(cfg, base, reports, rows)
     short = SHORT_NAMES.get(cfg.dataset, cfg.dataset)      # one folder can hold several datasets' grids
     shipped = Path(cfg.export) / f"{short}-grid-results.csv"
     others = [r for r in read_rows(shipped, cfg.dataset) if not _under(r.get("run_dir"), base)]
@@ -355,7 +361,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shipped", default=None, metavar="DIR",
                    help="instead: rewrite the dataset's shipped table and its cards' paired summaries in DIR from "
                         "the shipped CSV and the cards' seeds (the run folders are not needed)")
-    p.add_argument("--grid", default="samples", choices=("samples", "regularised"), help="which grid of the dataset")
+    p.add_argument("--grid", default="samples", choices=("samples", "regularised", "screen"),
+                   help="which grid of the dataset")
+    p.add_argument("--tables-only", action="store_true",
+                   help="with --export: add this grid's rows to the shipped tables, ship no checkpoint")
     p.add_argument("--export", default=None, metavar="DIR", help="ship the median seeds and the tables here")
     ns = p.parse_args(argv)
     if ns.shipped:
@@ -372,7 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not reports:
         print(f"error: no finished pipeline under {base} (looked for <size>/seed-<s>/report.json)", file=sys.stderr)
         return 2
-    write_grid(PipelineConfig(dataset=ns.dataset, out=str(base), export=ns.export, grid=ns.grid), base, reports)
+    write_grid(PipelineConfig(dataset=ns.dataset, out=str(base), export=ns.export, grid=ns.grid), base, reports,
+               ship=not ns.tables_only)
     print(grid_table(grid_rows(reports)))
     return 0
 

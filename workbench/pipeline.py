@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "upcycle the dense baseline for 10 epochs)")
     p.add_argument("--results", default=None, metavar="CSV",
                    help="results CSV for this run's rows; a rerun replaces its own (default OUT/results.csv)")
-    p.add_argument("--grid", choices=("samples", "regularised"), default=None,
+    p.add_argument("--grid", choices=("samples", "regularised", "screen"), default=None,
                    help="run a grid of workbench/grid.py into OUT/<size>/seed-<s>/: 'samples' (the sample "
-                        "checkpoints) or 'regularised' (Tiny ImageNet: the regularised recipe, then 10 more epochs "
-                        "as dense and as the upcycled MoE)")
+                        "checkpoints), 'regularised' (Tiny ImageNet: the regularised recipe, then 10 more epochs "
+                        "as dense and as the upcycled MoE) or 'screen' (its 15-epoch screen)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="copy every finished checkpoint (weights + card) and the run's reports into DIR, "
                         "named like the shipped samples (e.g. DIR/fmnist-vit-6x64)")

@@ -25,7 +25,7 @@ from .train_config import PRECISIONS, TrainConfig, _number, _whole, model_from_p
 DEFAULT_SHAPE = {"synthetic": (4, 64)}   # dense (depth, width) by dataset; others (6, 96)
 DEFAULT_EPOCHS = {"synthetic": 12}       # epochs per model by dataset; others 10
 OUTPUT_FIELDS = ("out", "results", "export")   # where a run writes (the jobs API sets only `out`)
-GRIDS = ("samples", "regularised")   # workbench/grid.py defines them per dataset
+GRIDS = ("samples", "regularised", "screen")   # workbench/grid.py defines them per dataset
 RECIPE_FIELDS = ("epochs", "batch_size", "lr", "label_smoothing", "augmentation", "mixup_alpha",
                  "threads")  # TrainConfig's fields
 

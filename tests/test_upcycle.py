@@ -197,3 +197,20 @@ def test_the_jobs_api_refuses_an_upcycling_parent_of_another_shape_before_starti
         jobs.check_training(cfg)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         jobs.check_training(dataclasses.replace(cfg, init_from=str(tmp_path)))
+
+
+def test_a_router_warmup_moves_only_the_router(tmp_path):
+    from workbench.checkpoint import load_checkpoint
+
+    common = ["--dataset", "synthetic", "--quiet", "--threads", "1", "--precision", "fp32"]
+    assert train_main(["--model", "vit-2x32", "--max-steps", "2", "--out", str(tmp_path / "dense"), *common]) == 0
+    assert train_main(["--model", "mvmoe-2x32-e4k1", "--set", "moe_layers=[1]", "--superclasses", "reference",
+                       "--init-from", str(tmp_path / "dense"), "--epochs", "1", "--router-warmup-epochs", "1",
+                       "--out", str(tmp_path / "moe"), *common]) == 0
+    moe, card = load_checkpoint(tmp_path / "moe")
+    start = upcycle(load_checkpoint(tmp_path / "dense")[0], moe.cfg, seed=0).state_dict()
+    moved = {n for n, t in moe.state_dict().items() if not torch.equal(t, start[n])}
+    assert moved and all(n.startswith("routers.") for n in moved), moved
+    assert card["training"]["router_warmup_epochs"] == 1
+    assert train_main(["--model", "vit-2x32", "--router-warmup-epochs", "1", "--out", str(tmp_path / "x"),
+                       *common]) == 2

@@ -142,7 +142,8 @@ def _train_stage(cfg: PipelineConfig, out: Path, m: ModelRun) -> dict:
     stage = TrainConfig(model=model, dataset=cfg.dataset, data_root=cfg.data_root,
                         superclasses=str(superclasses) if superclasses else None, holdout=cfg.holdout,
                         seed=cfg.seed, precision=cfg.precision, out=str(run_dir), resume=resume, quiet=cfg.quiet,
-                        init_from=str(out / "dense") if m.init != "scratch" else None, **recipe).validate()
+                        init_from=str(out / "dense") if m.init != "scratch" else None,
+                        router_warmup_epochs=m.router_warmup_epochs, **recipe).validate()
     _say(cfg, f"{run_dir.name}: {'resuming' if resume else 'training'} {m.preset} for {recipe['epochs']} epochs"
               + (f", {m.init}d from dense" if m.init != "scratch" else ""))
     return train(stage)["card"]

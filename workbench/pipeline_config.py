@@ -63,6 +63,7 @@ class ModelRun:
     baseline: str = "dense"
     lr: Optional[float] = None
     softmax_gate: bool = False          # an upcycled MoE keeps its router's softmax gate (not renormalised)
+    router_warmup_epochs: int = 0       # its first N epochs train only the router
 
     @property
     def num_groups(self) -> Optional[int]:
@@ -92,7 +93,8 @@ def parse_extra(spec: str) -> ModelRun:
     `upcycle=N`: a MoE upcycled from OUT/dense and trained N epochs, its gates renormalised (k = 1:
     gate 1, so it starts exactly at dense), paired with the dense continued N epochs;
     `softmax-gate` (with upcycle): keep the router's softmax gate instead;
-    `lr=X` (with continue or upcycle): its own peak learning rate (a trained model restarts lower)."""
+    `lr=X` (with continue or upcycle): its own peak learning rate (a trained model restarts lower);
+    `router-warmup=N` (MoE): its first N epochs train only the router, everything else frozen."""
     if not isinstance(spec, str):
         raise ValueError("--extra must be a list of presets")
     preset, *modes = spec.split(":")
@@ -123,6 +125,11 @@ def parse_extra(spec: str) -> ModelRun:
                 fields["baseline"] = "continue"      # named below, once its lr is known
         elif mode == "softmax-gate" and "upcycle" in (m.partition("=")[0] for m in modes):
             fields.update(name=fields["name"] + "-softmax-gate", softmax_gate=True)
+        elif key == "router-warmup" and preset.startswith(("mvmoe", "vmoe")):
+            warm = _extra_number(spec, value, int)
+            if warm < 1:
+                raise ValueError(f"--extra {spec!r}: router-warmup needs a number of epochs >= 1")
+            fields.update(name=f"{fields['name']}-warmup{warm}", router_warmup_epochs=warm)
         elif key == "lr" and {"upcycle", "continue"} & {m.partition("=")[0] for m in modes}:
             lr = _extra_number(spec, value, float)
             if not (math.isfinite(lr) and lr > 0):
@@ -130,7 +137,7 @@ def parse_extra(spec: str) -> ModelRun:
             fields.update(name=f"{fields['name']}-lr{lr:g}", lr=lr)
         else:
             raise ValueError(f"--extra {spec!r}: the modes are ':e2e', ':lambda=X', ':method=M' (per-image MoE), "
-                             "':continue=N' (dense), ':upcycle=N' and ':softmax-gate' (MoE)")
+                             "':continue=N' (dense), ':upcycle=N', ':softmax-gate', ':router-warmup=N' and ':lr=X' (MoE)")
     if fields.get("baseline") == "continue":
         fields["baseline"] = continued_dense(_dense_of(preset), fields["epochs"], fields.get("lr")).name
     run = ModelRun(**fields)

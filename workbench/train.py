@@ -163,6 +163,7 @@ class Plan:
     warmup: int
     model_cfg: object
     superclasses: Optional[dict]  # the card's form, or None
+    router_warmup_steps: int = 0  # steps at the start in which only the routers learn
 
 
 @dataclass
@@ -244,7 +245,8 @@ def build_data(cfg: TrainConfig, procs: Processes) -> Plan:
     else:
         warmup = round(0.05 * total_steps)
     return Plan(train_set, test_set, batch_size, steps_per_epoch, total_steps,
-                math.ceil(total_steps / steps_per_epoch), max(0, min(warmup, total_steps - 1)), model_cfg, superclasses)
+                math.ceil(total_steps / steps_per_epoch), max(0, min(warmup, total_steps - 1)), model_cfg, superclasses,
+                min(total_steps, cfg.router_warmup_epochs * steps_per_epoch))
 
 
 def build_model_and_optimizer(cfg: TrainConfig, plan: Plan, procs: Processes):
@@ -395,10 +397,19 @@ def train_step(run: Run, order, i: int, epoch: int) -> dict:
         raise TrainingError(f"loss is {loss_value} (gradient norm {float(gnorm):.3g}) at step {step + 1}, epoch "
                             f"{epoch + 1}: training diverged; lower --lr (now {cfg.lr:g}) or check the data. "
                             + _kept_message(run))
+    if step < plan.router_warmup_steps:   # only the routers learn: the others skip this step (grad None)
+        for name, p in run.raw.named_parameters():
+            if not _is_router(name):
+                p.grad = None
     run.optimizer.step()
     run.state.step += 1
     return {"loss": loss_value, "ce": ce.item(), "aux": {k: float(v.detach()) for k, v in out.aux_loss.items()},
             "correct": int((out.logits.argmax(-1) == y).sum()), "n": len(y), "lr": lr, "gnorm": float(gnorm)}
+
+
+def _is_router(name: str) -> bool:
+    """A router's own parameters (the per-image ImageRouter and its norm, or a token MoE's router)."""
+    return name.startswith("routers.") or ".mlp.router." in name
 
 
 def _kept_message(run: Run) -> str:
@@ -464,6 +475,7 @@ def card_for(run: Run, metrics: dict) -> dict:
                      "min_lr": cfg.min_lr, "weight_decay": cfg.weight_decay, "warmup_steps": plan.warmup,
                      "label_smoothing": cfg.label_smoothing, "augmentation": cfg.augmentation,
                      "mixup_alpha": cfg.mixup_alpha, "mlp_dropout": plan.model_cfg.mlp_dropout,
+                     "router_warmup_epochs": cfg.router_warmup_epochs,
                      "init": "upcycled" if run.parent else ("dense twin" if plan.model_cfg.is_moe else "seed"),
                      "seed": cfg.seed, "holdout": cfg.holdout,
                      "precision": "bf16" if run.procs.amp_dtype is not None else "fp32",

@@ -76,6 +76,8 @@ class TrainConfig:
     seed: int = 0                           # weights, shuffles, augmentation and router noise
     init_from: Optional[str] = None         # a trained dense checkpoint to start from: a MoE is upcycled
     #                                         (every expert a copy of its block's MLP), a dense model continues
+    router_warmup_epochs: int = 0           # train only the routers for the first N epochs, everything else
+    #                                         frozen (an upcycled MoE's new router learns before its experts move)
     # --- run
     out: Optional[str] = None               # run folder (None: runs/<model>-<dataset>-<time>)
     resume: bool = False                    # continue the run in `out` from its last saved state
@@ -106,6 +108,9 @@ class TrainConfig:
         for name in ("batch_size", "eval_every", "eval_batch_size", "log_every"):
             _whole(name, getattr(self, name), 1)
         _whole("save_every_steps", self.save_every_steps, 0)
+        _whole("router_warmup_epochs", self.router_warmup_epochs, 0)
+        if self.router_warmup_epochs and not self.model.is_moe:
+            raise ValueError("--router-warmup-epochs trains the routers of a MoE; a dense model has none")
         _whole("seed", self.seed, 0, 2**63 - 1)
         _number("lr", self.lr, 0.0, math.inf, lo_open=True)
         _number("min_lr", self.min_lr, 0.0, self.lr)
@@ -312,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a trained dense checkpoint of the same shape: a MoE is upcycled (sparse "
                         "upcycling: shared tensors copied, every expert a copy of its block's MLP, new router), "
                         "a dense model continues from it with a fresh schedule")
+    o.add_argument("--router-warmup-epochs", type=int, default=d.router_warmup_epochs, metavar="N",
+                   help="train only the routers for the first N epochs, backbone and experts frozen (part of "
+                        "--epochs; for an upcycled MoE, whose router is the only new part)")
     o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
     r = p.add_argument_group("run")

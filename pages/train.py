@@ -10,7 +10,7 @@ import streamlit as st
 from pages import common
 from pages.figures import accuracy_figure, loss_figure, metrics_frames, training_load_figure
 from workbench import jobs, paths, runs
-from workbench.models.config import ModelConfig, preset_name
+from workbench.models.config import ModelConfig, default_moe_blocks, preset_name
 from workbench.pipeline_config import PipelineConfig
 from workbench.train_config import PRECISIONS, TrainConfig, model_from_fields, parse_overrides
 
@@ -125,6 +125,12 @@ with st.container(border=True):
                                          help="Fixed to the map's group count when a super-class map is used.")
         top_k = k_col.number_input("k (experts per image/token)", 1, 64, 1 if family == "mvmoe" else 2, key="tr_k")
     shape = shape_fields(family, depth, width, num_experts, top_k)
+    moe_blocks = None
+    if family != "vit":   # only blocks this depth has, so every choice the form offers is valid
+        moe_blocks = c2.multiselect("MoE blocks", list(range(int(depth))),
+                                    default=default_moe_blocks(family, int(depth)), key=f"tr_moe_blocks_{depth}",
+                                    help="Blocks whose MLP is replaced by experts. Default: the last two (per "
+                                         "token: the last two odd blocks, V-MoE's placement), or what the depth allows.")
 
     t1, t2, t3, t4 = st.columns(4)
     epochs = t1.number_input("Epochs", 1, jobs.MAX_EPOCHS, 1, key="tr_epochs")
@@ -172,6 +178,10 @@ if start:
         overrides = parse_overrides([line.strip() for line in raw_overrides.splitlines() if line.strip()])
         if mlp_dropout:
             overrides.setdefault("mlp_dropout", float(mlp_dropout))
+        if moe_blocks is not None:
+            if not moe_blocks:
+                raise ValueError("choose at least one MoE block")
+            overrides.setdefault("moe_layers", sorted(int(b) for b in moe_blocks))
         cfg = TrainConfig(
             mixup_alpha=float(mixup_alpha), init_from=str(init_from) if init_from else None,
             model=model_from_fields(shape, overrides, "the shape chosen above"), dataset=dataset_name(dataset),

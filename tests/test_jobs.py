@@ -517,3 +517,18 @@ def test_the_cancel_button_stops_the_selected_run(runs, no_samples):
     assert not at.exception
     assert jobs.job_state(run)[0] == "cancelled"
     assert any("long" in w.value and "cancelled" in w.value for w in at.warning)
+
+
+@pytest.mark.parametrize("family, depth, blocks", [("mvmoe", 1, [0]), ("vmoe", 1, [0]), ("vmoe", 3, [1])])
+def test_the_form_offers_only_moe_blocks_the_depth_has(runs, no_samples, family, depth, blocks):
+    """Depth 1, the smallest the form allows, trains: 'last-2' is not offered where it cannot exist."""
+    at = train_page(runs)
+    at.selectbox(key="tr_family").set_value(family).run()
+    at.number_input(key="tr_depth").set_value(depth).run()
+    widget = at.multiselect(key=f"tr_moe_blocks_{depth}")
+    assert widget.options == [str(i) for i in range(depth)] and widget.value == blocks
+    at.button(key="tr_start").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = next(p for p in runs.iterdir() if p.is_dir())
+    assert TrainConfig.load(run / "train_config.json").model.moe_block_indices() == blocks
+    jobs.cancel(run, runs)

@@ -263,6 +263,17 @@ def router_kind(config: dict) -> str:
     return "superclass" if weight == ModelConfig.superclass_loss_weight else f"superclass, λ = {weight:g}"
 
 
+def default_moe_blocks(family: str, depth: int) -> list[int]:
+    """The MoE blocks a form offers first for this family and depth: the family's 'last-2' where the
+    depth allows it (per token: the last two odd blocks), else 'last-1', else the last block."""
+    for spec in ("last-2", "last-1"):
+        try:
+            return ModelConfig(family=family, depth=depth, num_experts=2, moe_layers=spec).moe_block_indices()
+        except ValueError:
+            continue
+    return [depth - 1]
+
+
 def paper_grid_presets() -> list[str]:
     """The Mobile V-MoE paper's dense grid: depth x width."""
     return [f"vit-{l}x{d}" for l in PAPER_DEPTHS for d in PAPER_WIDTHS]

@@ -32,7 +32,7 @@ from .collect import RoutingSummary, collect_routing, routing_overrides
 __all__ = [
     "image_expert_counts", "class_expert_counts", "group_table", "expert_load", "load_frame", "balance_table",
     "load_stats", "gini", "cv_squared",
-    "imbalance_flag", "superclass_shares", "load_balance", "entropy_bits", "routing_entropy", "capacity_drops", "drop_summary",
+    "imbalance_flag", "superclass_shares", "keep_difference", "load_balance", "entropy_bits", "routing_entropy", "capacity_drops", "drop_summary",
     "compare_batch_priority", "spatial_expert_maps", "mapped_agreement", "normalized_mutual_info",
     "layer_agreement", "router_superclass_accuracy", "mutual_information", "expert_specialisation",
     "routing_report",
@@ -220,6 +220,12 @@ def superclass_shares(summary: RoutingSummary) -> Optional[np.ndarray]:
         return None
     groups = np.asarray(summary.superclasses)[summary.labels]
     return np.bincount(groups, minlength=summary.num_experts) / len(groups)
+
+
+def keep_difference(map_a, map_b) -> dict:
+    """Two expert maps of the same tokens (-1: dropped): how many tokens only `a` kept, only `b` kept."""
+    a, b = np.asarray(map_a) >= 0, np.asarray(map_b) >= 0
+    return {"kept_only_a": int((a & ~b).sum()), "kept_only_b": int((b & ~a).sum())}
 
 
 def _enabled(summary: RoutingSummary, E: int) -> np.ndarray:

@@ -118,8 +118,10 @@ def expert_load_figure(load: pd.DataFrame, title: str = "Expert load per MoE blo
 
 
 def spatial_map_figure(image, expert_map, num_experts: int, *, class_token_expert: Optional[int] = None,
-                       opacity: float = 0.45, title: str = "") -> go.Figure:
-    """The image in grey with its patch grid coloured by expert (-1 = dropped, drawn as no colour)."""
+                       title: str = "") -> go.Figure:
+    """The image in grey with an opaque square on each patch in its expert's colour (an open cross where
+    the token was dropped). Opaque markers over the image keep the legend's colours true, which a
+    translucent tint over a dark image does not."""
     img = np.asarray(image, dtype=np.float64)
     if img.ndim == 3:
         img = img.mean(0)                                                  # (C, H, W) -> grey
@@ -128,22 +130,28 @@ def spatial_map_figure(image, expert_map, num_experts: int, *, class_token_exper
     g = grid.shape[0]
     patch = H / g
     palette = (px.colors.qualitative.Plotly + px.colors.qualitative.Dark24)[:max(num_experts, 1)]
-    # discrete colour scale: one band per expert
-    scale = []
-    for e, c in enumerate(palette):
-        scale += [[e / num_experts, c], [(e + 1) / num_experts, c]]
-    z = np.where(grid < 0, np.nan, grid + 0.5)
-    centers = (np.arange(g) + 0.5) * patch - 0.5
+    rows, cols = np.indices(grid.shape)
+    centre = lambda idx: (idx + 0.5) * patch - 0.5  # noqa: E731
+    size = max(6, int(150 / g))                                            # about 40 % of a patch on screen
     fig = go.Figure()
     fig.add_heatmap(z=img, colorscale="gray", showscale=False, hoverinfo="skip")
-    fig.add_heatmap(z=z, x=centers, y=centers, zmin=0, zmax=num_experts, colorscale=scale, opacity=opacity,
-                    colorbar={"title": "expert", "tickvals": np.arange(num_experts) + 0.5,
-                              "ticktext": [str(e) for e in range(num_experts)]},
-                    customdata=grid, hovertemplate="patch (%{y:.0f}, %{x:.0f}): expert %{customdata}<extra></extra>")
+    for e in range(num_experts):
+        on = grid == e
+        if on.any():
+            fig.add_scatter(x=centre(cols[on]), y=centre(rows[on]), mode="markers", name=f"expert {e}",
+                            marker={"symbol": "square", "size": size, "color": palette[e],
+                                    "line": {"width": 1, "color": "white"}},
+                            hovertemplate=f"patch (%{{y:.0f}}, %{{x:.0f}}): expert {e}<extra></extra>")
+    dropped = grid < 0
+    if dropped.any():
+        fig.add_scatter(x=centre(cols[dropped]), y=centre(rows[dropped]), mode="markers", name="dropped",
+                        marker={"symbol": "x-thin-open", "size": size, "color": "#FF4136", "line": {"width": 2}},
+                        hovertemplate="patch (%{y:.0f}, %{x:.0f}): dropped (skips this block)<extra></extra>")
     sub = "" if class_token_expert is None else (
         f" — class token: {'dropped' if class_token_expert < 0 else f'expert {class_token_expert}'}")
     fig.update_layout(title=(title or "Expert per patch") + sub, xaxis_visible=False, yaxis_visible=False,
-                      yaxis_autorange="reversed", yaxis_scaleanchor="x", width=420, height=400)
+                      yaxis_autorange="reversed", yaxis_scaleanchor="x", width=420, height=400,
+                      legend={"orientation": "h", "y": -0.02})
     return fig
 
 

@@ -4,7 +4,7 @@ import streamlit as st
 import torch
 
 from analysis.collect import collect_routing, routing_overrides
-from analysis.routing import drop_summary, spatial_expert_maps
+from analysis.routing import drop_summary, keep_difference, spatial_expert_maps
 from pages.common import (available_checkpoints, checkpoint_hash, checkpoint_picker, dataset_or_none, load_card,
                           load_eval_data, load_model, md, need)
 from pages.figures import spatial_map_figure
@@ -75,10 +75,11 @@ def fresh_model(num_classes: int, img_size: int, in_chans: int, experts: int):
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def route_one(digest: str, index: int, capacity_ratio: float, bpr: bool, top_k: int, layer: int,
+def route_one(digest: str, index: int, capacity_ratio: float, bpr: bool, top_k: int, layer: int, multiple_of: int,
               _model, _ds) -> dict:
     sub = _ds.subset([index])
-    with routing_overrides(_model, eval_capacity_ratio=capacity_ratio, batch_priority=bpr, top_k=top_k):
+    with routing_overrides(_model, eval_capacity_ratio=capacity_ratio, batch_priority=bpr, top_k=top_k,
+                           capacity_multiple_of=multiple_of):
         summary = collect_routing(_model, sub.images, sub.labels, sub.mean, sub.std)
     maps, cls_token = spatial_expert_maps(summary, layer, [0])
     drops = drop_summary(summary).set_index("layer").loc[layer]
@@ -119,12 +120,19 @@ index = int(c[0].number_input("Test image", 0, len(ds) - 1, 0, step=1))
 capacity_ratio = c[1].slider("Capacity ratio C", 0.1, 2.0, 0.5, 0.05)
 top_k = c[2].radio("k (experts per token)", [1, 2] if model.cfg.num_experts >= 2 else [1], horizontal=True)
 layer = c[3].selectbox("MoE block", moe_layers)
+rounded = st.toggle("Round the capacity up to a multiple of 4, as the reference implementation does", False,
+                    key="learn_rounded",
+                    help="Off: the paper's formula, so every step of the slider can change the capacity. On: "
+                         "google-research/vmoe's rounding (capacity stays at 4 over a wide range of small C).")
+multiple_of = 4 if rounded else 1
 
 results = {}
 for name, bpr in (("Vanilla (position order)", False), ("BPR (confidence order)", True)):
-    results[name] = route_one(digest, index, float(capacity_ratio), bpr, int(top_k), int(layer), model, ds)
+    results[name] = route_one(digest, index, float(capacity_ratio), bpr, int(top_k), int(layer), multiple_of,
+                              model, ds)
 first = next(iter(results.values()))
-rule = model.capacity_rule(top_k=int(top_k), capacity_ratio=float(capacity_ratio))
+with routing_overrides(model, capacity_multiple_of=multiple_of):
+    rule = model.capacity_rule(top_k=int(top_k), capacity_ratio=float(capacity_ratio))
 st.markdown(f"Image **{index}** ({md(ds.classes[int(ds.labels[index])])}): {first['tokens']} tokens, "
             f"{model.cfg.num_experts} experts, k = {top_k}, C = {capacity_ratio:.2f} → "
             f"**capacity {first['capacity']} tokens per expert**. This model uses the "
@@ -139,7 +147,17 @@ for col, (name, r) in zip(cols, results.items()):
     col.plotly_chart(fig, key=f"learn_{name}")
     col.metric(f"{name}: tokens dropped", f"{r['dropped_tokens']} of {r['tokens']}",
                help="Tokens that lost every choice and skip this block.")
-st.caption("Colours show each patch token's first-choice expert; an uncoloured patch lost it to capacity. "
+vanilla, bpr_r = results.values()
+diff = keep_difference(vanilla["grid"], bpr_r["grid"])
+if int(top_k) == 1:
+    st.info(f"With k = 1 both orders always drop the same **number** of tokens: each expert keeps at most "
+            f"{first['capacity']} of the tokens that chose it, whatever the order. The lesson is **which** tokens: "
+            f"here {diff['kept_only_b']} patches kept by BPR were dropped by vanilla, and {diff['kept_only_a']} the "
+            "other way round.")
+else:
+    st.caption(f"{diff['kept_only_b']} patches keep their first choice under BPR only, {diff['kept_only_a']} under "
+               "vanilla only.")
+st.caption("Each square is a patch token's first-choice expert; a red cross lost it to capacity. "
            "With C ≥ about 1.5 nearly nothing is dropped; with small C, vanilla drops the bottom rows while BPR "
            "keeps the tokens the router is most confident about.")
 

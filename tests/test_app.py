@@ -430,8 +430,24 @@ def test_routing_and_learn_pages_show_the_capacity_rule_in_use(app_env):
     # the tiny per-token sample is a new model: the reference rule, C rounded up to a multiple of 4
     at = _select(_app("routing"), "samples/vmoe-4x32-e4k2")
     assert "rounded up to a multiple of 4" in _texts(at)
+    # the Learn page teaches with the paper's formula, so every step of the slider can change the capacity;
+    # the reference's rounding is one toggle away
     at = _select(_app("learn"), "samples/vmoe-4x32-e4k2")
-    assert "rounded up to a multiple of 4" in _texts(at) and at.latex
+    assert "rounded up to a multiple of 4" not in _texts(at) and at.latex
+    capacities = set()
+    for ratio in (0.1, 0.3, 0.6):
+        at.slider[0].set_value(ratio).run()
+        capacities.add(next(m for m in _texts(at).split("**") if m.startswith("capacity ")))
+    assert len(capacities) == 3, capacities
+    at.toggle(key="learn_rounded").set_value(True).run()
+    assert "rounded up to a multiple of 4" in _texts(at)
+
+
+def test_with_k_1_the_learn_page_says_why_both_orders_drop_as_many(app_env):
+    at = _select(_app("learn"), "samples/vmoe-4x32-e4k2")
+    at.radio[0].set_value(1).run()
+    at.slider[0].set_value(0.2).run()
+    assert any("always drop the same **number** of tokens" in i.value for i in at.info)
 
 
 # ----------------------------------------------------------------------------- the Train page's pipeline panel

@@ -6,7 +6,9 @@ so the model runs once for every expert and layer.
 
 What "expert e receives image i" means depends on the routing:
 - per image (Mobile V-MoE): e is one of the image's kept choices; the score
-  is the gate of that choice (the router's confidence in e for this image);
+  is the router's margin for e: the log-odds of e over the best other expert
+  (a trained super-class router gives gates of 1.00 to nearly every image, so
+  the gate itself ranks nothing);
 - per token (V-MoE): some of the image's tokens were kept by e; the score is
   the share of the image's patch tokens that e processed, so the top images
   are the ones e covers most.
@@ -21,7 +23,7 @@ import pandas as pd
 from analysis.collect import RoutingSummary
 from workbench.models import RoutingRecord
 
-__all__ = ["expert_scores", "expert_gallery", "expert_classes", "patch_mask", "highlight_patches"]
+__all__ = ["expert_scores", "router_margin", "expert_gallery", "expert_classes", "patch_mask", "highlight_patches"]
 
 
 def _check_expert(lr: RoutingRecord, expert: int) -> None:
@@ -40,16 +42,31 @@ def expert_scores(summary: RoutingSummary, expert: int, layer: Optional[int] = N
     return np.where(taken, lr.gates, 0.0).sum(-1).astype(np.float64)
 
 
+def router_margin(summary: RoutingSummary, expert: int, layer: Optional[int] = None) -> np.ndarray:
+    """(N,) per image: the router's log-odds of `expert` over the best other expert (from its logits,
+    or its probabilities where a view has no logits); positive where `expert` is the first choice."""
+    lr = summary.layer(layer)
+    _check_expert(lr, expert)
+    if lr.logits is not None:
+        scores = np.asarray(lr.logits, dtype=np.float64)
+    else:
+        scores = np.log(np.clip(np.asarray(lr.probs, dtype=np.float64), 1e-300, None))
+    others = np.delete(scores, expert, axis=-1)
+    return scores[..., expert] - others.max(-1)
+
+
 def expert_gallery(summary: RoutingSummary, expert: int, layer: Optional[int] = None, n: int = 12) -> dict:
     """The images `expert` receives with the highest scores, and the highest-scored ones it gets wrong.
 
     -> {"top": DataFrame, "wrong": DataFrame, "received": int, "errors": int}; each frame has one row per
-    image (`index` into the summary's split, `label`, `prediction`, `score`), best first.
+    image (`index` into the summary's split, `label`, `prediction`, `score`), best first. The score is
+    the share of patches (per token) or the router's margin (per image, `router_margin`).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    score = expert_scores(summary, expert, layer)
-    received = np.flatnonzero(score > 0)
+    taken = expert_scores(summary, expert, layer)
+    received = np.flatnonzero(taken > 0)
+    score = taken if summary.layer(layer).per_token else router_margin(summary, expert, layer)
     wrong = received[summary.predictions[received] != summary.labels[received]]
 
     def best(idx: np.ndarray) -> pd.DataFrame:
@@ -63,8 +80,9 @@ def expert_gallery(summary: RoutingSummary, expert: int, layer: Optional[int] = 
 def expert_classes(summary: RoutingSummary, expert: int, layer: Optional[int] = None) -> pd.DataFrame:
     """Per class: images `expert` receives, that share of the class, its share of the expert's images.
 
-    A class is "owned" by the expert that receives the largest share of it
-    (per token: the largest mean share of its patches). Sorted by share of class.
+    A class is "owned" by the expert that receives the largest share of it. Per token every expert
+    sees a patch of nearly every image, so the share is of the class's *patches* (the mean share of
+    each image's patches the expert processed), not of its images. Sorted by share of class.
     """
     lr = summary.layer(layer)
     _check_expert(lr, expert)
@@ -79,7 +97,7 @@ def expert_classes(summary: RoutingSummary, expert: int, layer: Optional[int] = 
     df = pd.DataFrame({
         "class": summary.class_names(),
         "images": counts,
-        "share of class": counts / np.maximum(class_size, 1),
+        "share of class": mean_share[:, expert] if lr.per_token else counts / np.maximum(class_size, 1),
         "share of expert": counts / max(int(received.sum()), 1),
         "owned": (mean_share.argmax(1) == expert) & (class_size > 0),
     })

@@ -36,7 +36,7 @@ def show_grid(frame, ds, classes, summary, expert, layer, per_token: bool, key: 
                 score = f"{row.score:.0%} of patches"
             else:
                 picture = np.asarray(to_pil(image).convert("RGB"))
-                score = f"gate {row.score:.2f}"
+                score = f"margin {row.score:+.1f}"
             mark = "✓" if row.label == row.prediction else f"✗ said {classes[row.prediction]}"
             col.image(picture, caption=f"#{row.index} {classes[row.label]} {mark} · {score}", width=96)
             if col.button("Inspect", key=f"{key}_{row.index}", help="Open this image in the Image inspector"):
@@ -70,14 +70,17 @@ if per_token:
                "by the share of their patches it took.")
 else:
     st.caption("Per-image routing: the whole image goes to the expert in every MoE block; images are ranked by "
-               "the router's gate for this expert.")
+               "how sure the router was, its margin: the log-odds of this expert over the next best one (+5 means "
+               "e⁵ ≈ 150 times more likely).")
 
 st.subheader("Highest-scored images")
 show_grid(g["top"], ds, classes, summary, expert, layer, per_token, "top")
 st.subheader("Received and misclassified")
 show_grid(g["wrong"], ds, classes, summary, expert, layer, per_token, "wrong")
 st.subheader("Classes")
-st.caption("A class is owned by the expert that receives the largest share of it.")
+st.caption("A class is owned by the expert that receives the largest share of it"
+           + (": per token, the share of the class's patches this expert processed (every expert sees a patch of "
+              "nearly every image)." if per_token else ": the share of the class's images routed here."))
 st.dataframe(owned, hide_index=True, column_config={
     "share of class": st.column_config.ProgressColumn(format="percent", min_value=0.0, max_value=1.0),
     "share of expert": st.column_config.ProgressColumn(format="percent", min_value=0.0, max_value=1.0)})

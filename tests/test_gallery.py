@@ -14,9 +14,10 @@ def _per_image_summary() -> RoutingSummary:
     """6 images, 2 classes, 3 experts, k=1; image 5's choice was dropped (disabled expert)."""
     experts = np.array([[0], [0], [1], [1], [0], [2]])
     kept = np.array([[True], [True], [True], [True], [True], [False]])
-    gates = np.array([[0.9], [0.6], [0.8], [0.7], [0.95], [0.5]], dtype=np.float32)
-    probs = np.full((6, 3), 1 / 3, dtype=np.float32)
-    lr = RoutingRecord(layer=4, kind="image", experts=experts, kept=kept, gates=gates, probs=probs)
+    gates = np.ones((6, 1), dtype=np.float32)                   # a trained router: every gate 1.00
+    logits = np.array([[9, 0, 0], [2, 0, 0], [0, 8, 0], [0, 3, 0], [12, 0, 0], [0, 0, 1]], dtype=np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    lr = RoutingRecord(layer=4, kind="image", experts=experts, kept=kept, gates=gates, probs=probs, logits=logits)
     return RoutingSummary(family="mvmoe", layers=[lr], labels=np.array([0, 0, 1, 1, 1, 0]),
                           predictions=np.array([0, 1, 1, 1, 0, 0]), features=np.zeros((6, 2), np.float32),
                           router_inputs=None, num_classes=2, classes=["cat", "dog"], grid=2)
@@ -33,9 +34,10 @@ def _per_token_summary() -> RoutingSummary:
                           features=np.zeros((2, 2), np.float32), router_inputs=None, num_classes=2, grid=2)
 
 
-def test_per_image_gallery_ranks_received_images_by_gate_and_lists_the_wrong_ones():
+def test_per_image_gallery_ranks_received_images_by_the_routers_margin_and_lists_the_wrong_ones():
     g = expert_gallery(_per_image_summary(), expert=0)
-    assert g["top"]["index"].tolist() == [4, 0, 1]          # gates 0.95, 0.9, 0.6
+    assert g["top"]["index"].tolist() == [4, 0, 1]          # margins 12, 9, 2 where every gate is 1.00
+    assert g["top"]["score"].tolist() == [12, 9, 2]
     assert g["received"] == 3
     assert g["wrong"]["index"].tolist() == [4, 1]           # image 4 is a dog said cat, image 1 a cat said dog
     assert g["errors"] == 2
@@ -52,6 +54,12 @@ def test_classes_are_owned_by_the_expert_taking_most_of_them():
     assert df.loc["cat", "images"] == 2 and df.loc["cat", "share of class"] == pytest.approx(2 / 3)
     assert bool(df.loc["cat", "owned"]) and not bool(df.loc["dog", "owned"])   # dogs go mostly to expert 1
     assert df["share of expert"].sum() == pytest.approx(1.0)
+
+
+def test_per_token_classes_are_shared_by_patches_not_by_images():
+    df = expert_classes(_per_token_summary(), expert=1).set_index("class")
+    # expert 1 touches both images; what it holds of each class is its share of the class's patches
+    assert df["share of class"].tolist() == pytest.approx([0.75, 0.25])
 
 
 def test_per_token_scores_are_the_share_of_patches_and_the_mask_shows_them():

@@ -516,6 +516,17 @@ def load_eval_data(card: dict, quiet: bool = False):
     return ds
 
 
+def missing_data_reason(card: dict) -> Optional[str]:
+    """Why the card's test images cannot be used here, in one line (None when they can)."""
+    name = card.get("dataset")
+    try:
+        ds = _load_eval_data(name)
+    except (ImportError, ValueError) as e:
+        return f"the test images of **{md(short(name))}** are not here ({md(short(str(e), 300))})"
+    problem = data_mismatch(card, ds)
+    return f"the test data found here does not match this checkpoint ({md(problem)})" if problem else None
+
+
 def data_mismatch(card: dict, ds) -> Optional[str]:
     """Why `ds` cannot evaluate the checkpoint of `card` (None when it can)."""
     cfg = card.get("config") or {}
@@ -545,9 +556,10 @@ def _subset(name: str, n: int, size: int):
     return ds.subset(idx.tolist())
 
 
-def eval_subset(card: dict, n: Optional[int] = None):
-    """The first `n` (default: the sidebar setting) images of a fixed shuffle of the test split, or None."""
-    ds = load_eval_data(card)
+def eval_subset(card: dict, n: Optional[int] = None, quiet: bool = False):
+    """The first `n` (default: the sidebar setting) images of a fixed shuffle of the test split, or None
+    (with a warning unless `quiet`: a page that shows something else instead says so once itself)."""
+    ds = load_eval_data(card, quiet=quiet)
     if ds is None:
         return None
     n = max_images() if n is None else n

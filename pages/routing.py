@@ -10,7 +10,7 @@ from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_frame
 from pages import figures as F, routing_card
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, eval_subset, forget_on_checkpoint_change,
-                          linked_selectbox, load_model, md, need, need_moe, open_checkpoint)
+                          linked_selectbox, load_model, md, missing_data_reason, need, need_moe, open_checkpoint)
 
 
 @st.cache_data(show_spinner="Routing the test images…", max_entries=24)
@@ -63,9 +63,9 @@ cfg = card["config"]
 family = cfg.get("family")
 need_moe(card)
 forget_on_checkpoint_change("routing", "w_disabled", "w_topk", "w_capacity", "w_bpr", "w_max_share")
-ds = eval_subset(card)
+ds = eval_subset(card, quiet=bool(card.get("routing_tables")))
 if ds is None and card.get("routing_tables"):
-    routing_card.show(card)
+    routing_card.show(card, missing_data_reason(card))   # says once what is missing and what is shown instead
     st.stop()
 need(ds is not None, "Routing statistics need the test images (see the warning above).")
 E = int(cfg["num_experts"])

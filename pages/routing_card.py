@@ -5,6 +5,8 @@ carry their test split's class x expert counts; everything that needs
 per-image choices (inference-time knobs, capacity, ablation, patch maps,
 embeddings) waits for the data.
 """
+from typing import Optional
+
 import streamlit as st
 
 from analysis.card_routing import (card_expert_load, card_load_balance, card_router_accuracy, card_tables,
@@ -14,15 +16,16 @@ from pages.common import linked_selectbox, md
 from workbench.checkpoint import router_score
 
 
-def show(card: dict) -> None:
-    """Draw the card-level routing views (the caller has said why the images are missing)."""
+def show(card: dict, reason: Optional[str] = None) -> None:
+    """Draw the card-level routing views; `reason`: why the images cannot be used (said once, here)."""
     tables = card_tables(card)
     cfg, meta = card["config"], card["routing_tables"]
     classes = [str(c) for c in card["classes"]]
     sc = card.get("superclasses") or {}
     unit = meta.get("unit", "image")
-    st.info(f"Showing the routing stored in the card: class × expert counts of every {unit} assignment on the "
-            f"{md(meta.get('split', 'test'))} split" + (f" at epoch {meta['epoch']}" if meta.get("epoch") else "")
+    st.info((f"{reason[0].upper()}{reason[1:]}. " if reason else "")
+            + f"Shown instead: the routing stored in the card, class × expert counts of every {unit} assignment on "
+            f"the {md(meta.get('split', 'test'))} split" + (f" at epoch {meta['epoch']}" if meta.get("epoch") else "")
             + ". Inference-time routing, capacity, expert ablation, patch maps and embeddings need the images.")
     metrics = card.get("metrics") or {}
     m = st.columns(3)

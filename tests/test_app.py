@@ -364,8 +364,10 @@ def test_without_the_images_the_routing_page_shows_the_cards_tables(monkeypatch,
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
     at = _app("routing")
     _no_exception(at, "routing from the card")
-    assert any("not available" in w.value for w in at.warning)          # says the images are missing ...
-    assert any("stored in the card" in i.value for i in at.info)        # ... and what it shows instead
+    # one message: what is missing (the images) and what the page shows instead; no "cannot be computed"
+    assert not at.warning, [w.value for w in at.warning]
+    message = [i.value for i in at.info if "stored in the card" in i.value]
+    assert len(message) == 1 and "are not here" in message[0] and "Shown instead" in message[0]
     table = next(df.value for df in at.dataframe if df.value.index.name == "class")
     counts = np.asarray(card["routing_tables"]["layers"][0]["counts"], dtype=float)
     np.testing.assert_allclose(table.to_numpy(), counts / counts.sum(1, keepdims=True), atol=1e-4)   # rows: P(expert | class)

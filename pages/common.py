@@ -547,13 +547,20 @@ def dataset_or_none(name: str):
         return None
 
 
+def subset_indices(n: int, size: int):
+    """The test-split indices of the analysed subset of `n` of `size` images (a fixed shuffle, sorted), so
+    that a page can name an image by its test-split number, as every other page does."""
+    import numpy as np
+
+    if n >= size:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(0).permutation(size)[:n])
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _subset(name: str, n: int, size: int):
     ds = _load_eval_data(name)
-    import numpy as np
-
-    idx = np.sort(np.random.default_rng(0).permutation(len(ds))[:n])
-    return ds.subset(idx.tolist())
+    return ds.subset(subset_indices(n, len(ds)).tolist())
 
 
 def eval_subset(card: dict, n: Optional[int] = None, quiet: bool = False):

@@ -10,7 +10,8 @@ from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_frame
 from pages import figures as F, routing_card
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, eval_subset, forget_on_checkpoint_change,
-                          linked_selectbox, load_model, md, missing_data_reason, need, need_moe, open_checkpoint)
+                          linked_selectbox, load_eval_data, load_model, md, missing_data_reason, need, need_moe,
+                          open_checkpoint, subset_indices)
 
 
 @st.cache_data(show_spinner="Routing the test images…", max_entries=24)
@@ -219,16 +220,19 @@ elif st.toggle("Disable each expert in turn (one pass per expert)",
 if family == "vmoe":
     st.header("Patch → expert maps")
     n_show = st.slider("Images", 1, 8, 4)
-    start = int(st.number_input("First test image (of the analysed subset)", 0, max(0, len(ds) - n_show), 0))
+    test_index = subset_indices(len(ds), len(load_eval_data(card, quiet=True)))   # subset position -> test number
+    start = int(st.number_input("From the analysed images, starting at", 0, max(0, len(ds) - n_show), 0,
+                                help="The analysed images are a fixed sample of the test split; each map is "
+                                     "titled with its test-split number, as on the other pages."))
     idx = list(range(start, start + n_show))
     maps, cls_tok = R.spatial_expert_maps(summary, layer, idx)
     cols = st.columns(min(n_show, 4))
     for i, (j, grid) in enumerate(zip(idx, maps)):
         fig = F.spatial_map_figure(ds.images[j], grid, E, class_token_expert=int(cls_tok[i]),
-                                   title=f"#{j} {classes[int(ds.labels[j])]}")
+                                   title=f"#{int(test_index[j])} {classes[int(ds.labels[j])]}")
         fig.update_layout(width=None, height=300, showlegend=False, margin=dict(l=0, r=0, t=40, b=0))
         cols[i % len(cols)].plotly_chart(fig, key=f"map{j}")
-    st.caption("Uncoloured patches were dropped by capacity in this block (first choice).")
+    st.caption("A red cross marks a patch whose first choice was dropped by capacity in this block.")
 
 # ----------------------------------------------------------------------------- embeddings
 st.header("Embedding of the router's input")

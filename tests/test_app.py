@@ -539,3 +539,16 @@ def test_a_card_that_fails_validation_gives_a_warning_on_every_page(monkeypatch,
     at = _app(page, ckpt="samples/broken")
     _no_exception(at, page)
     assert any("cannot be opened" in w.value and "must be a fraction" in w.value for w in at.warning), page
+
+
+def test_the_routing_pages_patch_maps_name_images_by_their_test_split_number(app_env):
+    from pages.common import subset_indices
+
+    at = _select(_app("routing"), "samples/vmoe-4x32-e4k2")
+    _no_exception(at, "routing")
+    titles = " ".join(str(getattr(e, "proto", "")) for e in at.main)
+    from workbench.data import load_dataset
+
+    expected = subset_indices(MAX_IMAGES, len(load_dataset("synthetic", "test")))[:4]
+    for number in expected:
+        assert f"#{int(number)} " in titles, number

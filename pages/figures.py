@@ -183,11 +183,20 @@ def embedding_figure(df: pd.DataFrame, color: str = "expert", title: str = ""):
 
 
 # ----------------------------------------------------------------------------- image inspector
-def overlay_figure(image, attribution, *, title: str = "", opacity: float = 0.6, signed: bool = True):
-    """The image in grey with the attribution (summed over channels) as a heatmap on top.
+# attribution colours: transparent at 0, so the image shows where nothing is attributed, and saturated at
+# the scale's ends (red pushes the logit up, blue down)
+SIGNED_SCALE = [[0.0, "rgba(5,48,97,1)"], [0.25, "rgba(67,147,195,0.85)"], [0.5, "rgba(255,255,255,0)"],
+                [0.75, "rgba(214,96,77,0.85)"], [1.0, "rgba(103,0,31,1)"]]
+UNSIGNED_SCALE = [[0.0, "rgba(255,255,255,0)"], [0.5, "rgba(239,59,44,0.8)"], [1.0, "rgba(103,0,13,1)"]]
+ATTRIBUTION_CLIP = 99   # percentile of |attribution| at which colours saturate (a few hot pixels set no scale)
 
-    signed=True: diverging colours centred at 0 (red pushes the logit up,
-    blue down); False: |attribution|.
+
+def overlay_figure(image, attribution, *, title: str = "", signed: bool = True):
+    """The image in grey with the attribution (summed over channels) on top.
+
+    signed=True: diverging colours centred at 0 (red pushes the logit up, blue down); False:
+    |attribution|. Zero is transparent and the scale ends at the 99th percentile of |attribution|,
+    so the map reads at a glance (a scale set by the largest pixel left everything else pale).
     """
     img = np.asarray(image, dtype=np.float64)
     img = img.reshape(-1, *img.shape[-2:]).mean(0)
@@ -195,12 +204,11 @@ def overlay_figure(image, attribution, *, title: str = "", opacity: float = 0.6,
     a = a.reshape(-1, *a.shape[-2:]).sum(0)
     if not signed:
         a = np.abs(a)
-    lim = float(np.abs(a).max()) or 1.0
+    lim = float(np.percentile(np.abs(a), ATTRIBUTION_CLIP)) or float(np.abs(a).max()) or 1.0
     fig = go.Figure()
     fig.add_heatmap(z=img, colorscale="gray", showscale=False, hoverinfo="skip")
-    fig.add_heatmap(z=a, zmin=-lim if signed else 0, zmax=lim, opacity=opacity,
-                    colorscale="RdBu_r" if signed else "Reds", colorbar={"title": "attribution"},
-                    hovertemplate="(%{y}, %{x}): %{z:.3g}<extra></extra>")
+    fig.add_heatmap(z=a, zmin=-lim if signed else 0, zmax=lim, colorscale=SIGNED_SCALE if signed else UNSIGNED_SCALE,
+                    colorbar={"title": "attribution"}, hovertemplate="(%{y}, %{x}): %{z:.3g}<extra></extra>")
     fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, yaxis_autorange="reversed",
                       yaxis_scaleanchor="x", width=420, height=400)
     return fig

@@ -294,7 +294,8 @@ def test_routers_of_one_shape_are_compared_paired_and_in_the_papers_order():
     assert [tr.y[0].split(" · ")[0] for tr in means if tr.xaxis == "x2"] == [
         "superclass", "superclass, λ = 0.1", "end-to-end"]          # the per-token card has no fit numbers
     moe = next(tr for tr in means if tr.y[0] == "superclass · moe" and tr.xaxis == "x")
-    assert moe.x[0] == pytest.approx(-1.0) and moe.error_x.array[0] == pytest.approx(1.0)
+    half = 4.302653 / 3 ** 0.5                    # t(0.975, 2) * std (1 point) / sqrt(n): the 95 % interval
+    assert moe.x[0] == pytest.approx(-1.0) and moe.error_x.array[0] == pytest.approx(half, rel=1e-4)
     dots = next(tr for tr in fig.data if tr.marker.symbol == "circle-open" and tr.y[0] == "superclass · moe")
     assert list(np.round(dots.x, 6)) == [-2.0, 0.0, -1.0]
     token = next(tr for tr in means if tr.y[0].startswith("per-token"))

@@ -58,3 +58,14 @@ def test_a_super_class_router_is_judged_against_its_super_classes_sizes():
 def test_spreading_equal_costs_keeps_the_cheaper_model_left():
     x = dodge_equal(pd.Series([22.62e6, 22.62e6, 22.51e6, 22.62e6], index=[4, 7, 9, 12]), log_x=False)
     assert x[9] == x.min() and x[4] < x[7] < x[12]
+
+
+def test_an_attribution_map_is_not_scaled_by_its_hottest_pixel_and_zero_is_transparent():
+    from pages.figures import overlay_figure
+
+    a = np.full((1, 32, 32), 0.1)
+    a[0, 0, 0] = 50.0                                              # one outlier pixel
+    layer = overlay_figure(np.zeros((1, 32, 32)), a).data[1]
+    assert layer.zmax < 1                                          # the scale follows the bulk, not the outlier
+    middle = [c for pos, c in layer.colorscale if pos == 0.5][0]
+    assert middle.endswith(",0)")                                  # no attribution: the image shows through

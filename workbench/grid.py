@@ -40,7 +40,12 @@ SAMPLE_GRID = {
 GRID_RECIPE = {"epochs": 25, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1, "augmentation": "none"}
 # Tiny ImageNet (the paper's setting in miniature): E = 10 super-classes of 200 classes; the per-token
 # V-MoE at the same E and k, so the two routings cost the same MACs. Natural images: flips only.
-TINY_IMAGENET_GRID = {"6x64": ("vit-6x64", 2, ["mvmoe-6x64-e10k1:e2e", "vmoe-6x64-e10k1"])}
+# Issue 32 adds, at this recipe: data per expert (E = 2 and E = 4, each with the pipeline's own map at that E,
+# and a balanced map at E = 10), and the per-token V-MoE on the per-image model's MoE blocks (4, 5), so both
+# routings differ only in how they route. The cells of issue 17 come last.
+TINY_IMAGENET_GRID = {"6x64": ("vit-6x64", 3, ["mvmoe-6x64-e2k1", "mvmoe-6x64-e4k1",
+                                               "mvmoe-6x64-e10k1:method=kernighan-lin", "vmoe-6x64-e10k1:blocks=4,5",
+                                               "mvmoe-6x64-e10k1:e2e", "vmoe-6x64-e10k1"])}
 TINY_IMAGENET_RECIPE = {"epochs": 15, "lr": 3e-3, "batch_size": 128, "label_smoothing": 0.1, "augmentation": "flip",
                         "num_groups": 10}
 # When does per-image routing pay off (issue 32)? One recipe for dense and MoE alike against the per-image

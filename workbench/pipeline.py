@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 from .checkpoint import ROUTER_METRICS, read_card, router_score
 from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, continued_dense,  # noqa: F401
-                              default_num_groups, from_args, parse_extra, upcycle_overrides)
+                              default_num_groups, from_args, parse_extra, run_overrides)
 from . import snapshots
 from .runs import atomic_copy, atomic_write_bytes, atomic_write_json, is_finished, read_json
 
@@ -138,7 +138,7 @@ def _train_stage(cfg: PipelineConfig, out: Path, m: ModelRun) -> dict:
     recipe["epochs"] = m.epochs or cfg.epochs
     recipe["lr"] = m.lr or recipe.get("lr")
     recipe = {k: v for k, v in recipe.items() if v is not None}
-    model = model_from_preset(m.preset, {**overrides, **cfg.model_overrides(), **upcycle_overrides(m)})
+    model = model_from_preset(m.preset, {**overrides, **cfg.model_overrides(), **run_overrides(m)})
     stage = TrainConfig(model=model, dataset=cfg.dataset, data_root=cfg.data_root,
                         superclasses=str(superclasses) if superclasses else None, holdout=cfg.holdout,
                         seed=cfg.seed, precision=cfg.precision, out=str(run_dir), resume=resume, quiet=cfg.quiet,

@@ -64,6 +64,7 @@ class ModelRun:
     lr: Optional[float] = None
     softmax_gate: bool = False          # an upcycled MoE keeps its router's softmax gate (not renormalised)
     router_warmup_epochs: int = 0       # its first N epochs train only the router
+    moe_layers: Optional[tuple] = None  # its own MoE blocks (None: the preset's)
 
     @property
     def num_groups(self) -> Optional[int]:
@@ -94,7 +95,8 @@ def parse_extra(spec: str) -> ModelRun:
     gate 1, so it starts exactly at dense), paired with the dense continued N epochs;
     `softmax-gate` (with upcycle): keep the router's softmax gate instead;
     `lr=X` (with continue or upcycle): its own peak learning rate (a trained model restarts lower);
-    `router-warmup=N` (MoE): its first N epochs train only the router, everything else frozen."""
+    `router-warmup=N` (MoE): its first N epochs train only the router, everything else frozen;
+    `blocks=I,J` (MoE): its MoE blocks, e.g. a per-token model on the per-image model's blocks."""
     if not isinstance(spec, str):
         raise ValueError("--extra must be a list of presets")
     preset, *modes = spec.split(":")
@@ -130,6 +132,13 @@ def parse_extra(spec: str) -> ModelRun:
             if warm < 1:
                 raise ValueError(f"--extra {spec!r}: router-warmup needs a number of epochs >= 1")
             fields.update(name=f"{fields['name']}-warmup{warm}", router_warmup_epochs=warm)
+        elif key == "blocks" and preset.startswith(("mvmoe", "vmoe")):
+            try:
+                blocks = tuple(sorted({int(b) for b in value.split(",")}))
+            except ValueError:
+                raise ValueError(f"--extra {spec!r}: blocks must be block indices like 4,5") from None
+            fields.update(name=f"{fields['name']}-blocks{'-'.join(map(str, blocks))}", moe_layers=blocks)
+            overrides["moe_layers"] = list(blocks)
         elif key == "lr" and {"upcycle", "continue"} & {m.partition("=")[0] for m in modes}:
             lr = _extra_number(spec, value, float)
             if not (math.isfinite(lr) and lr > 0):
@@ -137,7 +146,8 @@ def parse_extra(spec: str) -> ModelRun:
             fields.update(name=f"{fields['name']}-lr{lr:g}", lr=lr)
         else:
             raise ValueError(f"--extra {spec!r}: the modes are ':e2e', ':lambda=X', ':method=M' (per-image MoE), "
-                             "':continue=N' (dense), ':upcycle=N', ':softmax-gate', ':router-warmup=N' and ':lr=X' (MoE)")
+                             "':continue=N' (dense), ':upcycle=N', ':softmax-gate', ':router-warmup=N', ':lr=X' and "
+                             "':blocks=I,J' (MoE)")
     if fields.get("baseline") == "continue":
         fields["baseline"] = continued_dense(_dense_of(preset), fields["epochs"], fields.get("lr")).name
     run = ModelRun(**fields)
@@ -148,6 +158,11 @@ def parse_extra(spec: str) -> ModelRun:
 def upcycle_overrides(m: ModelRun) -> dict:
     """Model options an upcycled run adds: gates renormalised unless it asked for the softmax gate."""
     return {"renormalize_gates": True} if m.init == "upcycle" and not m.softmax_gate else {}
+
+
+def run_overrides(m: ModelRun) -> dict:
+    """Model options a ModelRun sets itself: its MoE blocks, an upcycled model's gate."""
+    return {**({"moe_layers": list(m.moe_layers)} if m.moe_layers else {}), **upcycle_overrides(m)}
 
 
 def _dense_of(preset: str) -> str:

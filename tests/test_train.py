@@ -110,7 +110,9 @@ def test_precision_choice():
 @pytest.fixture(scope="module")
 def tiny_moe_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
-    summary = run(out, model="mvmoe-2x64-e4k1", epochs=2, log_every=2)
+    # 30 % of the training split (not TINY's 10 %): enough steps that learning shows at every seed tried
+    # (0-3: last/first loss 0.58-0.74, accuracy 35-49 %), not only at a lucky one
+    summary = run(out, model="mvmoe-2x64-e4k1", epochs=2, log_every=2, holdout=0.7)
     return out, summary
 
 

@@ -170,6 +170,25 @@ def test_idx_header_disagreeing_with_the_data_length_is_a_clear_error(tmp_path):
         load_dataset("fashion-mnist", "train", root=folder)
 
 
+def test_an_idx_gz_is_decompressed_only_as_far_as_its_header_allows(tmp_path):
+    import resource
+
+    folder = write_fashion(tmp_path, "train", n=3)
+    head = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (3, 28, 28))
+    with gzip.open(folder / FASHION_FILES["train"][0], "wb") as f:      # 256 MB of zeros in a 250 KB file
+        f.write(head)
+        for _ in range(64):
+            f.write(bytes(4 << 20))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DatasetError, match="header says 3 x 28 x 28 = 2352 bytes of data, but the file holds more"):
+        load_dataset("fashion-mnist", "train", root=folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100_000      # KB: never inflated
+    huge = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10**6, 1000, 1000))
+    (folder / FASHION_FILES["train"][0]).write_bytes(gzip.compress(huge))
+    with pytest.raises(DatasetError, match="announces 1000000000000 bytes"):
+        load_dataset("fashion-mnist", "train", root=folder)
+
+
 def test_real_fashion_mnist_from_the_debian_package():
     folder = Path("/usr/share/datasets/fashion-mnist")
     if not folder.is_dir():

@@ -376,14 +376,24 @@ def _fetch_first(bases: Sequence[str], fname: str, dest: Path, md5: str) -> None
     raise DatasetError("\n".join(errors))
 
 
+MAX_IDX_BYTES = 1 << 30   # an IDX file's data once decompressed (Fashion-MNIST's largest is 47 MB)
+
+
 def _read_idx(path: Path, expect_ndim: int) -> np.ndarray:
-    """An IDX file (as in MNIST) of unsigned bytes: magic 0x0000 08 <ndim>, big-endian sizes, data."""
+    """An IDX file (as in MNIST) of unsigned bytes: magic 0x0000 08 <ndim>, big-endian sizes, data.
+
+    Bounded after decompression: the header is read first, and no more than the data it announces
+    (at most MAX_IDX_BYTES) plus one byte is ever decompressed, so a small .gz that inflates to many
+    gigabytes is refused without filling memory."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            head = f.read(4 + 4 * expect_ndim)
+            dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(expect_ndim))
+            if len(head) == 4 + 4 * expect_ndim and math.prod(dims) > MAX_IDX_BYTES:
+                raise DatasetError(f"{path}: its header announces {math.prod(dims)} bytes of data, more than an "
+                                   f"IDX dataset here may hold ({MAX_IDX_BYTES >> 20} MB); is this the right file?")
+            raw = head + f.read(math.prod(dims) + 1 if len(head) == 4 + 4 * expect_ndim else 0)
     except EOFError:
         raise DatasetError(f"{path}: truncated gzip file (ends before the end-of-stream marker); "
                            "download or copy it again") from None
@@ -401,8 +411,9 @@ def _read_idx(path: Path, expect_ndim: int) -> np.ndarray:
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expect_ndim))
     expected = math.prod(dims)
     if len(raw) - header != expected:
+        held = "more than that" if len(raw) - header > expected else str(len(raw) - header)
         raise DatasetError(f"{path}: header says {' x '.join(map(str, dims))} = {expected} bytes of data, "
-                           f"but the file holds {len(raw) - header}")
+                           f"but the file holds {held}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -497,6 +508,10 @@ def _find_cifar(key: str, split: str, root, download: bool) -> Path:
             _fetch(spec["url"], archive, spec["md5"])
         try:
             with tarfile.open(archive, "r:gz") as tar:
+                total = sum(m.size for m in tar.getmembers())      # (reads headers while streaming)
+                if total > MAX_CIFAR_EXTRACTED_BYTES:
+                    raise DatasetError(f"{archive}: {total / 1e6:.0f} MB once unpacked; the CIFAR archives hold "
+                                       "about 180 MB. Not unpacking it")
                 tar.extractall(base, filter="data")   # "data": no absolute paths, links out, devices
         except (OSError, tarfile.TarError, EOFError) as e:
             raise DatasetError(f"{archive}: cannot extract ({e}); delete it and download again") from None
@@ -507,6 +522,9 @@ def _find_cifar(key: str, split: str, root, download: bool) -> Path:
         f"Looked in:\n{looked}\n"
         f"To get it: download and unpack {spec['url']} (the official python version) into a folder and pass it "
         "as --data-root / root= (or set WORKBENCH_DATA), or load with download=True when online.")
+
+
+MAX_CIFAR_EXTRACTED_BYTES = 1 << 30
 
 
 def _cifar_arrays(folder: Path, files: Sequence[str], label_key: str, extra_key: Optional[str] = None):

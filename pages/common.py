@@ -220,7 +220,7 @@ def checkpoint_hash(path: Path) -> str:
     import hashlib
     import json
 
-    f = Path(path) / "model.safetensors"
+    f = Path(path) / WEIGHTS
     stat = f.stat()
     weights = _file_digest(str(f), stat.st_mtime_ns, stat.st_size)
     config = json.dumps(load_card(path).get("config"), sort_keys=True)
@@ -229,7 +229,7 @@ def checkpoint_hash(path: Path) -> str:
 
 def weights_hash(path: Path) -> str:
     """sha256 of the checkpoint's model.safetensors (cached on path + mtime + size)."""
-    f = Path(path) / "model.safetensors"
+    f = Path(path) / WEIGHTS
     stat = f.stat()
     return _file_digest(str(f), stat.st_mtime_ns, stat.st_size)
 
@@ -452,7 +452,7 @@ def _load_card(path: str, mtime_ns: int) -> dict:
 
 def load_card(path: Path) -> dict:
     """The checkpoint's card.json (cached until the file changes)."""
-    return _load_card(str(path), (Path(path) / "card.json").stat().st_mtime_ns)
+    return _load_card(str(path), (Path(path) / CARD).stat().st_mtime_ns)
 
 
 def open_checkpoint(path: Optional[Path]) -> tuple[Optional[dict], Optional[Path]]:

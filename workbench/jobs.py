@@ -34,7 +34,8 @@ from . import procs, superclass_map
 from .paths import REPO_ROOT, data_folder, inside, runs_dir, safe_run_name
 from .pipeline_config import OUTPUT_FIELDS, PipelineConfig
 from .runs import (CONFIG_FILE, EXIT_FILE, JOB_FILE, LOCK_FILE, LOG_FILE, PIPELINE_CONFIG_FILE, STATES,  # noqa: F401
-                   SUPERCLASS_FILE, atomic_write_json, iso, job_alive, job_state, list_jobs, read_json, resolve_run)
+                   STATUS_FILE, SUPERCLASS_FILE, atomic_write_json, iso, job_alive, job_state, list_jobs, read_json,
+                   resolve_run)
 from .train_config import TrainConfig
 
 KINDS = ("train", "pipeline")
@@ -301,7 +302,7 @@ def cancel(run: PathLike, root: Optional[PathLike] = None, timeout: float = 5.0)
     if state != "running":
         return state
     job = read_json(run_dir / JOB_FILE) or {}
-    status = read_json(run_dir / "status.json") or {}
+    status = read_json(run_dir / STATUS_FILE) or {}
     pid = job.get("pid") or status.get("pid")  # a run started from the CLI has only status.json
     job.setdefault("name", run_dir.name)
     job.update(cancelled=True, cancelled_ts=time.time())

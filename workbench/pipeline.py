@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoint import ROUTER_METRICS, read_card, router_score
+from .checkpoint import CARD, ROUTER_METRICS, WEIGHTS, read_card, router_score
 from .pipeline_config import (RECIPE_FIELDS, ModelRun, PipelineConfig, continued_dense,  # noqa: F401
                               default_num_groups, from_args, parse_extra, run_overrides)
 from . import snapshots
-from .runs import atomic_copy, atomic_write_bytes, atomic_write_json, is_finished, read_json
+from .runs import SUPERCLASS_FILE, atomic_copy, atomic_write_bytes, atomic_write_json, is_finished, read_json
 
 
 def clustering_methods() -> list[str]:
@@ -155,7 +155,7 @@ def map_path(cfg: PipelineConfig, out: Path, m: ModelRun) -> Path:
     held-out confusion graph (stage 3 writes them all)."""
     E, method = m.num_groups or cfg.num_groups, m.method or cfg.method
     if E == cfg.num_groups and method == cfg.method:
-        return out / "superclasses.json"
+        return out / SUPERCLASS_FILE
     return out / f"superclasses-e{E}-{method}.json"
 
 
@@ -353,7 +353,7 @@ def discover_superclasses(cfg, out: Path, train_set, confusion: dict, E: int):
     from .superclass_map import load_superclass_map, save_superclass_map
 
     cm, classes = np.asarray(confusion["matrix"]), list(train_set.classes)
-    map_path, reference = out / "superclasses.json", train_set.reference_groups
+    map_path, reference = out / SUPERCLASS_FILE, train_set.reference_groups
     if not map_path.exists():
         choice = choose_superclasses(cm, E, **router_probe(cfg, out, train_set), method=cfg.method,
                                      reference=reference, class_names=classes, seed=cfg.seed)
@@ -559,7 +559,7 @@ def _markdown(r: dict) -> str:
 
 
 SHORT_NAMES = {"fashion-mnist": "fmnist", "tiny-imagenet": "tin"}
-REPORT_FILES = ("report.md", "report.json", "clustering.json", "confusion.json", "superclasses.json",
+REPORT_FILES = ("report.md", "report.json", "clustering.json", "confusion.json", SUPERCLASS_FILE,
                 "hierarchy-template.json")
 
 
@@ -575,11 +575,11 @@ def export(run_dir: Path, dest: Path, report: dict, seeds: Optional[dict] = None
     written = []
     for r in report["rows"]:
         target = dest / f"{short}-{r['preset'] if r['model'] in ('dense', 'moe') else r['model']}"
-        atomic_copy(Path(r["run_dir"]) / "model.safetensors", target / "model.safetensors")
+        atomic_copy(Path(r["run_dir"]) / WEIGHTS, target / WEIGHTS)
         card = read_card(Path(r["run_dir"]))
         if seeds and r["model"] in seeds:
             card["seeds"] = seeds[r["model"]]
-        atomic_write_json(target / "card.json", card)
+        atomic_write_json(target / CARD, card)
         old = target / snapshots.FOLDER
         for stale in sorted(old.glob("epoch-*.npz")) if old.is_dir() else []:
             stale.unlink()                                          # a previous seed's snapshots

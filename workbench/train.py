@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import __version__, snapshots, superclass_map
-from .checkpoint import (TRAIN_STATE, load_checkpoint, load_train_state, read_card, read_train_info, save_checkpoint,
+from .checkpoint import (CARD, TRAIN_STATE, load_checkpoint, load_train_state, read_card, read_train_info, save_checkpoint,
                          save_train_state)
 from .data import heldout_split, load_dataset, normalize
 from .device import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, usable_cores  # noqa: F401 (public)
@@ -312,7 +312,7 @@ def resume_or_start(cfg: TrainConfig, plan: Plan, raw, optimizer, run_dir: Path,
         raise RunBusy(f"{run_dir} is being trained by process {busy} right now; wait for it to end or stop "
                          "it before training into this folder")
     if not cfg.resume:
-        if (run_dir / TRAIN_STATE).exists() or (run_dir / "card.json").exists():
+        if (run_dir / TRAIN_STATE).exists() or (run_dir / CARD).exists():
             raise ValueError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
         return State()
     if not (run_dir / TRAIN_STATE).is_file():
@@ -413,7 +413,7 @@ def _is_router(name: str) -> bool:
 
 
 def _kept_message(run: Run) -> str:
-    if (run.run_dir / TRAIN_STATE).exists() or (run.run_dir / "card.json").exists():
+    if (run.run_dir / TRAIN_STATE).exists() or (run.run_dir / CARD).exists():
         return f"The last good checkpoint in {run.run_dir} is kept."
     return "No checkpoint was saved before it diverged."
 

@@ -69,3 +69,15 @@ def test_an_attribution_map_is_not_scaled_by_its_hottest_pixel_and_zero_is_trans
     assert layer.zmax < 1                                          # the scale follows the bulk, not the outlier
     middle = [c for pos, c in layer.colorscale if pos == 0.5][0]
     assert middle.endswith(",0)")                                  # no attribution: the image shows through
+
+
+def test_expert_map_colours_are_the_legends_colours():
+    """Opaque markers in each expert's colour (a translucent tint over a dark image did not match)."""
+    from pages.figures import spatial_map_figure
+
+    grid = np.array([[0, 1], [-1, 2]])
+    fig = spatial_map_figure(np.zeros((1, 8, 8)), grid, 3)
+    experts = {t.name: t for t in fig.data if t.type == "scatter"}
+    assert set(experts) == {"expert 0", "expert 1", "expert 2", "dropped"}
+    colours = [experts[f"expert {e}"].marker.color for e in range(3)]
+    assert len(set(colours)) == 3 and all(t.opacity in (None, 1) for t in experts.values())

@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from analysis.confusion import normalize_rows, per_class_accuracy
+from analysis.confusion import normalize_rows, off_diagonal, per_class_accuracy
 from analysis.superclasses import confusion_graph, confusion_graph_layout, order_by_groups
 from pages.figures import confusion_graph_figure
 from pages.common import (checkpoint_picker, confusion_picker, group_sources, linked_selectbox, load_eval_data, md,
@@ -61,11 +61,15 @@ with right:
     st.subheader("Confusion matrix (row-normalised)")
     order = order_by_groups(groups) if groups is not None else list(range(len(classes)))
     labels = [classes[i] + (f" [{groups[i]}]" if groups is not None else "") for i in order]
-    heat = px.imshow(weights[np.ix_(order, order)], x=labels, y=labels, color_continuous_scale="Blues",
-                     labels=dict(x="predicted", y="true", color="rate"), aspect="equal", zmin=0)
+    confusions = off_diagonal(weights[np.ix_(order, order)])      # the scale is the confusions' own
+    heat = px.imshow(confusions, x=labels, y=labels, color_continuous_scale="Blues",
+                     labels=dict(x="predicted", y="true", color="rate"), aspect="equal", zmin=0,
+                     zmax=float(np.nanmax(confusions)) if np.isfinite(confusions).any() else 1.0)
     heat.update_layout(height=560, margin=dict(l=0, r=0, t=10, b=0))
     st.plotly_chart(heat, key="heatmap")
-    st.caption("Rows and columns are sorted by super-class, so well-chosen groups show as blocks on the diagonal."
+    st.caption("Only the confusions are coloured (the diagonal, the correct predictions, is left blank so that "
+               "its 85-99 % do not wash out the few-percent confusions that define the super-classes). "
+               "Rows and columns are sorted by super-class, so well-chosen groups show as blocks on the diagonal."
                if groups is not None else "Pick a super-class colouring to sort the matrix into blocks.")
 
 st.subheader(f"Most confused with {md(classes[selected])}")

@@ -502,17 +502,28 @@ def metrics_frames(records: Iterable[dict]) -> dict:
 
 
 
+def history_figure(hist: pd.DataFrame, x: Optional[str], columns: list, word: str) -> go.Figure:
+    """A card's per-epoch history (loss or accuracy columns): people's labels, not plotly's
+    ("variable", "value") or snake_case."""
+    fig = px.line(hist, x=x, y=columns, markers=True, title=word, labels={"value": word, "variable": ""})
+    fig.for_each_trace(lambda t: t.update(name=t.name.replace("_", " ")))          # train_loss -> train loss
+    return fig
+
+
 def loss_figure(train) -> go.Figure:
     """Total loss and cross-entropy per logged step; auxiliary losses on a second axis."""
     fig = go.Figure()
+    aux = [c for c in train.columns if c.startswith("aux_")]
     for col, label in [("loss", "total loss"), ("ce", "cross-entropy")] + [
-            (c, c.removeprefix("aux_") + " (aux)") for c in train.columns if c.startswith("aux_")]:
+            (c, c.removeprefix("aux_") + " (aux)") for c in aux]:
         if col in train:
             fig.add_scatter(x=train["step"], y=train[col], mode="lines+markers", name=label,
                             yaxis="y2" if col.startswith("aux_") else "y")
     fig.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", height=320,
-                      yaxis2=dict(title="auxiliary loss", overlaying="y", side="right", showgrid=False),
                       margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
+    if aux:   # a right axis only where there is an auxiliary loss to read on it (a dense run has none)
+        fig.update_layout(yaxis2=dict(title="auxiliary loss", overlaying="y", side="right", showgrid=False,
+                                      rangemode="tozero", tickformat=".2g"))
     return fig
 
 

@@ -6,6 +6,7 @@ import streamlit as st
 
 from analysis.paired import card_seed_differences
 from pages.common import checkpoint_picker, get_model, md, open_checkpoint
+from pages.figures import history_figure
 from workbench import runs
 
 FAMILY_TEXT = {
@@ -152,7 +153,7 @@ if history:
     for col, word in zip(cols, ("loss", "accuracy")):
         ys = [c for c in numeric if word in c]
         if ys:
-            col.plotly_chart(px.line(hist, x=x, y=ys, markers=True, title=word), key=f"history_{word}")
+            col.plotly_chart(history_figure(hist, x, ys, word), key=f"history_{word}")
 
 pipeline_report = runs.pipeline_report(path.parent)   # a model of a pipeline run: that run's report
 if pipeline_report is not None and path.name in runs.pipeline_checkpoints(path.parent):

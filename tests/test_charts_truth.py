@@ -81,3 +81,48 @@ def test_expert_map_colours_are_the_legends_colours():
     assert set(experts) == {"expert 0", "expert 1", "expert 2", "dropped"}
     colours = [experts[f"expert {e}"].marker.color for e in range(3)]
     assert len(set(colours)) == 3 and all(t.opacity in (None, 1) for t in experts.values())
+
+
+def test_a_dense_runs_loss_chart_has_no_empty_right_axis_and_curves_use_peoples_labels():
+    from pages.figures import history_figure, loss_figure
+
+    dense = pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.5, 2.0], "ce": [3.0, 2.5, 2.0]})
+    assert "yaxis2" not in loss_figure(dense).layout.to_plotly_json()
+    moe = dense.assign(aux_superclass=[0.5, 0.4, 0.3])
+    assert loss_figure(moe).layout.yaxis2.overlaying == "y" and loss_figure(moe).layout.yaxis2.rangemode == "tozero"
+    hist = pd.DataFrame({"epoch": [1, 2], "train_loss": [2.0, 1.5], "test_loss": [2.1, 1.7]})
+    fig = history_figure(hist, "epoch", ["train_loss", "test_loss"], "loss")
+    assert [t.name for t in fig.data] == ["train loss", "test loss"]
+    assert fig.layout.yaxis.title.text == "loss" and fig.layout.legend.title.text == ""
+
+
+def test_a_short_run_logs_about_a_hundred_points(tmp_path):
+    from workbench.train import LOG_POINTS, train
+    from workbench.train_config import TrainConfig, model_from_preset
+
+    cfg = TrainConfig(model=model_from_preset("vit-2x32", {}), dataset="synthetic", max_steps=60, batch_size=16,
+                      precision="fp32", threads=1, quiet=True, out=str(tmp_path / "r"))
+    train(cfg)
+    import json
+
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert len(steps) == 60 >= LOG_POINTS * 0.5                  # every step of a 60-step run, not 7 records
+
+
+def test_the_confusion_matrix_colours_only_the_confusions():
+    from analysis.confusion import off_diagonal
+
+    m = off_diagonal([[0.95, 0.05], [0.12, 0.88]])
+    assert np.isnan(np.diag(m)).all() and np.nanmax(m) == 0.12
+
+
+def test_shipped_results_name_no_machine(tmp_path):
+    from workbench.grid import read_rows, write_shipped_csv
+
+    path = tmp_path / "ship" / "tin-grid-results.csv"
+    path.parent.mkdir()
+    run = tmp_path / "runs" / "6x64" / "seed-0" / "dense"
+    write_shipped_csv(path, [{"size": "6x64", "seed": 0, "model": "dense", "run_dir": str(run)}])
+    assert str(tmp_path) not in path.read_text() and "../runs/6x64/seed-0/dense" in path.read_text()
+    assert read_rows(path, "tiny-imagenet")[0]["run_dir"] == str(run.resolve())   # and reads back whole

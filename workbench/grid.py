@@ -207,8 +207,19 @@ def write_grid(cfg: PipelineConfig, base: Path, reports: dict, ship: bool = True
     shipped = Path(cfg.export) / f"{short}-grid-results.csv"
     others = [r for r in read_rows(shipped, cfg.dataset) if not _under(r.get("run_dir"), base)]
     every = others + rows
-    write_csv(shipped, every, list(dict.fromkeys(k for r in every for k in r)))
+    write_shipped_csv(shipped, every)
     atomic_write_bytes(Path(cfg.export) / f"{short}-grid.md", grid_table(every).encode("utf-8"))
+
+
+def write_shipped_csv(path: Path, rows: list) -> None:
+    """A shipped results CSV: `run_dir` relative to the file's folder, so the file names no machine."""
+    import os
+
+    def relative(run_dir):
+        return os.path.relpath(Path(run_dir).resolve(), path.parent.resolve()) if run_dir else run_dir
+
+    rows = [{**r, "run_dir": relative(r.get("run_dir"))} for r in rows]
+    write_csv(path, rows, list(dict.fromkeys(k for r in rows for k in r)))
 
 
 def _under(run_dir, base: Path) -> bool:
@@ -232,6 +243,8 @@ def read_rows(path: Path, dataset: str) -> list:
     for r in raw:
         row = {k: _number(v) for k, v in r.items()}
         row["seed"] = int(row["seed"])
+        if row.get("run_dir") and not Path(row["run_dir"]).is_absolute():   # stored relative to the file
+            row["run_dir"] = str((path.parent / row["run_dir"]).resolve())
         row.setdefault("init", "scratch, unshared init" if row.get("family") != "vit" else "scratch")
         row.setdefault("recipe", recipe_label({**recipe, "epochs": row.get("epochs")}))
         row.setdefault("baseline", "dense")
@@ -265,6 +278,7 @@ def rewrite_shipped(dest: Path, dataset: str) -> str:
     rows = read_rows(dest / f"{short}-grid-results.csv", dataset)
     if not rows:
         raise ValueError(f"{dest / f'{short}-grid-results.csv'}: no rows")
+    write_shipped_csv(dest / f"{short}-grid-results.csv", rows)
     table = grid_table(rows)
     atomic_write_bytes(dest / f"{short}-grid.md", table.encode("utf-8"))
     for card_path in sorted(dest.glob(f"{short}-*/card.json")):

@@ -54,6 +54,7 @@ from .progress import Progress, fmt_time
 from .runs import RunBusy, RunLog, atomic_write_json, clean_temp_files, now_iso, training_pid, truncate_metrics
 from .train_config import TrainConfig, fit_to_dataset, from_args, parse_args, parse_overrides  # noqa: F401
 
+LOG_POINTS = 100   # train records a short run aims for (a long one logs every --log-every steps)
 _RESUME_MUST_MATCH = ("model", "dataset", "holdout", "seed", "batch_size", "parent_sha256")
 
 
@@ -164,6 +165,7 @@ class Plan:
     model_cfg: object
     superclasses: Optional[dict]  # the card's form, or None
     router_warmup_steps: int = 0  # steps at the start in which only the routers learn
+    log_every: int = 10           # steps between train records: --log-every, or less in a short run
 
 
 @dataclass
@@ -246,7 +248,9 @@ def build_data(cfg: TrainConfig, procs: Processes) -> Plan:
         warmup = round(0.05 * total_steps)
     return Plan(train_set, test_set, batch_size, steps_per_epoch, total_steps,
                 math.ceil(total_steps / steps_per_epoch), max(0, min(warmup, total_steps - 1)), model_cfg, superclasses,
-                min(total_steps, cfg.router_warmup_epochs * steps_per_epoch))
+                min(total_steps, cfg.router_warmup_epochs * steps_per_epoch),
+                # a short run logs more often, so its live curves have about 100 points, not 5
+                min(cfg.log_every, max(1, total_steps // LOG_POINTS)))
 
 
 def build_model_and_optimizer(cfg: TrainConfig, plan: Plan, procs: Processes):
@@ -430,7 +434,7 @@ def log_step(run: Run, epoch: int, r: dict) -> None:
     state.epoch_sums["seen"] += r["n"]
     eta = (time.time() - run.t_start) / (step - run.start_step) * (run.plan.total_steps - step)
     head = f"ep {epoch + 1}/{run.plan.epochs}"
-    if not (step % run.cfg.log_every == 0 or step == run.plan.total_steps or step == run.start_step + 1):
+    if not (step % run.plan.log_every == 0 or step == run.plan.total_steps or step == run.start_step + 1):
         run.progress.update(step, f"{head} loss {r['loss']:.4f} ETA {fmt_time(eta)}")
         return
     now, n = time.time(), w["steps"]

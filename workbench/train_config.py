@@ -86,7 +86,8 @@ class TrainConfig:
     threads: Optional[int] = None           # torch CPU threads per process (None: cores / processes)
     eval_every: int = 1                     # evaluate every N epochs
     eval_batch_size: int = 256
-    log_every: int = 10                     # steps between metrics.jsonl train records
+    log_every: int = 10                     # steps between metrics.jsonl train records (at most; a short run
+    #                                         logs more often, ~100 records)
     save_every_steps: int = 0               # also save the resume state every N steps (0: at epoch ends)
     quiet: bool = False                     # no progress bar
 

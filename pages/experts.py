@@ -1,5 +1,4 @@
 """Expert gallery: the test images an expert receives, the ones it gets wrong, the classes it owns."""
-import copy
 
 import numpy as np
 import streamlit as st
@@ -7,7 +6,7 @@ import streamlit as st
 from analysis.collect import collect_routing
 from analysis.gallery import expert_classes, expert_gallery, highlight_patches, patch_mask
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, linked_selectbox, load_eval_data,
-                          load_model, max_images, need, need_moe, open_checkpoint, set_selection, to_pil)
+                          max_images, model_copy, need, need_moe, open_checkpoint, set_selection, to_pil)
 
 COLUMNS = 6
 
@@ -15,7 +14,7 @@ COLUMNS = 6
 @st.cache_data(show_spinner="Routing the test images…", max_entries=8)
 def routing_of_first(digest: str, n: int, bf16: bool, _path, _ds, _card):
     """Routing of the first `n` test images (so a row's index is the image's index in the test split)."""
-    model = copy.deepcopy(load_model(_path))
+    model = model_copy(_path)
     sub = _ds.subset(np.arange(n))
     sc = _card.get("superclasses") or {}
     return collect_routing(model, sub.images, sub.labels, sub.mean, sub.std, classes=_card.get("classes"),

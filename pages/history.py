@@ -1,5 +1,4 @@
 """Routing over training: churn, load and router accuracy per epoch; two models' routing compared after matching."""
-import copy
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ from analysis.collect import collect_routing
 from analysis.history import (load_over_time, matched_agreement, router_accuracy_over_time, routing_churn,
                               settling_epoch)
 from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, eval_subset,
-                          linked_selectbox, load_card, load_model, need, need_moe, open_checkpoint)
+                          linked_selectbox, load_card, model_copy, need, need_moe, open_checkpoint)
 from pages.figures import percent_axis
 from workbench.snapshots import SnapshotError, load_history
 
@@ -23,7 +22,7 @@ def history_of(path: str, digest: str):
 @st.cache_data(show_spinner="Routing the test images through both models…", max_entries=8)
 def top1_of(digest: str, n: int, bf16: bool, _path, _ds) -> dict:
     """{block: top-1 expert after capacity} of the first MoE block(s) over the evaluation subset."""
-    summary = collect_routing(copy.deepcopy(load_model(_path)), _ds.images, _ds.labels, _ds.mean, _ds.std, bf16=bf16)
+    summary = collect_routing(model_copy(_path), _ds.images, _ds.labels, _ds.mean, _ds.std, bf16=bf16)
     return {lr.layer: lr.top1_kept for lr in summary.layers}
 
 

@@ -1,5 +1,4 @@
 """Image inspector: one image through the model — prediction, routing and what the class and the router look at."""
-import copy
 import hashlib
 
 import numpy as np
@@ -13,9 +12,9 @@ from analysis.collect import collect_routing
 from analysis.confusion import predict
 from analysis.routing import image_expert_counts, spatial_expert_maps
 from pages.figures import overlay_figure, spatial_map_figure
-from pages.common import (MAX_UPLOAD_BYTES, checkpoint_hash, checkpoint_picker, get_model, linked_selectbox,
-                          index_selection, load_eval_data, load_model, md, need, open_checkpoint, read_uploaded_image,
-                          set_selection, to_pil)
+from pages.common import (MAX_UPLOAD_BYTES, checkpoint_hash, checkpoint_picker, get_model, index_selection,
+                          linked_selectbox, load_eval_data, md, model_copy, need, open_checkpoint,
+                          read_uploaded_image, set_selection, to_pil)
 
 METHOD_NAMES = {"ig": "Integrated Gradients", "saliency": "Saliency (|gradient|)", "occlusion": "Occlusion"}
 
@@ -23,7 +22,7 @@ METHOD_NAMES = {"ig": "Integrated Gradients", "saliency": "Saliency (|gradient|)
 @st.cache_data(show_spinner=False, max_entries=256)
 def inspect(digest: str, image_key: str, _path, image: np.ndarray, mean: tuple, std: tuple, label: int) -> dict:
     """Prediction and routing of one image (on a private copy: routing collection hooks the model)."""
-    _model = copy.deepcopy(load_model(_path))
+    _model = model_copy(_path)
     x = torch.as_tensor(image).unsqueeze(0)
     _, probs = predict(_model, x, mean, std)
     out = {"probs": probs[0].numpy()}
@@ -42,7 +41,7 @@ def inspect(digest: str, image_key: str, _path, image: np.ndarray, mean: tuple, 
 @st.cache_data(show_spinner="Computing attributions (captum)…", max_entries=128)
 def attributions(digest: str, image_key: str, method: str, target_class: int, expert, layer, n_steps: int,
                  _path, image: np.ndarray, mean: tuple, std: tuple) -> dict:
-    model = copy.deepcopy(load_model(_path))  # attribution hooks the router: keep them off the shared model
+    model = model_copy(_path)  # attribution hooks the router: keep them off the shared model
     out = {"class": class_attribution(model, image, mean, std, target_class, method=method, n_steps=n_steps)}
     if expert is not None:
         out["router"] = router_attribution(model, image, mean, std, expert, layer=layer, method=method,

@@ -1,5 +1,4 @@
 """Routing: what the routers learned — who goes where, balance, drops, layer agreement, maps, embeddings."""
-import copy
 
 import pandas as pd
 import streamlit as st
@@ -10,8 +9,8 @@ from analysis.collect import collect_routing, routing_overrides
 from analysis.embedding import embedding_frame
 from pages import figures as F, routing_card
 from pages.common import (analysis_bf16, checkpoint_hash, checkpoint_picker, eval_subset, forget_on_checkpoint_change,
-                          linked_selectbox, load_eval_data, load_model, md, missing_data_reason, need, need_moe,
-                          open_checkpoint, subset_indices)
+                          linked_selectbox, load_eval_data, load_model, md, missing_data_reason, model_copy, need,
+                          need_moe, open_checkpoint, subset_indices)
 
 
 @st.cache_data(show_spinner="Routing the test images…", max_entries=24)
@@ -20,7 +19,7 @@ def routing_analysis(digest: str, n: int, top_k: int, capacity_ratio, bpr, disab
     """One pass of a private copy of the model at these settings, and every statistic of it."""
     from workbench.flops import count_macs
 
-    model = copy.deepcopy(load_model(_path))  # never change the shared cached model
+    model = model_copy(_path)  # never change the shared cached model
     sc = _card.get("superclasses") or {}
     with routing_overrides(model, top_k=top_k, eval_capacity_ratio=capacity_ratio, batch_priority=bpr,
                            disabled_experts=list(disabled)):
@@ -38,7 +37,7 @@ def capacity_rule(path, top_k: int, capacity_ratio: float) -> dict:
 
 @st.cache_data(show_spinner="Comparing BPR with vanilla priority…", max_entries=16)
 def bpr_comparison(digest: str, n: int, top_k: int, capacity_ratio: float, disabled: tuple, bf16: bool, _path, _ds):
-    model = copy.deepcopy(load_model(_path))
+    model = model_copy(_path)
     with routing_overrides(model, top_k=top_k, disabled_experts=list(disabled)):
         return R.compare_batch_priority(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
                                         eval_capacity_ratio=capacity_ratio, bf16=bf16)
@@ -47,7 +46,7 @@ def bpr_comparison(digest: str, n: int, top_k: int, capacity_ratio: float, disab
 @st.cache_data(show_spinner="Disabling each expert in turn…", max_entries=16)
 def ablation(digest: str, n: int, top_k: int, capacity_ratio, bpr, disabled: tuple, bf16: bool, _path, _ds,
              _classes):
-    model = copy.deepcopy(load_model(_path))
+    model = model_copy(_path)
     with routing_overrides(model, top_k=top_k, eval_capacity_ratio=capacity_ratio, batch_priority=bpr,
                            disabled_experts=list(disabled)):
         return expert_ablation(model, _ds.images, _ds.labels, _ds.mean, _ds.std, classes=_classes, bf16=bf16)

@@ -1,5 +1,4 @@
 """Accuracy vs MACs: dense vs per-image vs per-token checkpoints, the Pareto frontier, and routing sweeps."""
-import copy
 from pathlib import Path
 
 import streamlit as st
@@ -10,7 +9,7 @@ from workbench.paths import samples_dir
 from analysis.tradeoff import checkpoint_table, moe_gains, pareto_frontier, payoff_table, sweep_routing
 from pages.figures import payoff_figure, strategy_figure, sweep_figure, tradeoff_figure
 from pages.common import (analysis_bf16, available_checkpoints, checkpoint_hash, checkpoint_picker, ckpt_ref,
-                          dataset_or_none, eval_subset, load_model, max_images, need, open_checkpoint)
+                          dataset_or_none, eval_subset, max_images, model_copy, need, open_checkpoint)
 
 
 @st.cache_data(show_spinner="Reading checkpoint cards…", max_entries=16)
@@ -34,7 +33,7 @@ def grid_payoff(paths: tuple):
 
 @st.cache_data(show_spinner="Sweeping k and capacity (re-running the model for each setting)…", max_entries=32)
 def sweep(digest: str, n: int, ratios: tuple, bf16: bool, _path, _ds):
-    model = copy.deepcopy(load_model(_path))
+    model = model_copy(_path)
     return sweep_routing(model, _ds.images, _ds.labels, _ds.mean, _ds.std,
                          capacity_ratios=list(ratios) if ratios else None, bf16=bf16)
 

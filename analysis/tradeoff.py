@@ -214,12 +214,12 @@ def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
             row.update(gain=r["gain_mean"], gain_std=r["gain_std"], n=int(r["n_pairs"]),
                        seed_gains=r["seed_gains"], fit_gain=r.get("fit_gain_mean", float("nan")),
                        fit_gain_std=r.get("fit_gain_std", float("nan")), seed_fit_gains=r.get("seed_fit_gains"))
-            row.update(_interval_columns(r["seed_gains"]))
-            row.update(_interval_columns(r.get("seed_fit_gains"), "fit_"))
+            row.update(_interval_columns(_seeds(r["seed_gains"])))
+            row.update(_interval_columns(_seeds(r.get("seed_fit_gains")), "fit_"))
         else:
             row.update(gain=r["accuracy"] - best["accuracy"], gain_std=float("nan"), n=1, seed_gains=None,
                        fit_gain=float("nan"), fit_gain_std=float("nan"), seed_fit_gains=None,
-                       **_interval_columns(None), **_interval_columns(None, "fit_"))
+                       **_interval_columns(_seeds(None)), **_interval_columns(_seeds(None), "fit_"))
         rows.append(row)
     return pd.DataFrame(rows, columns=cols + INTERVAL_COLUMNS + ["fit_" + c for c in INTERVAL_COLUMNS])
 
@@ -227,10 +227,14 @@ def moe_gains(df: pd.DataFrame) -> pd.DataFrame:
 INTERVAL_COLUMNS = ["gain_low", "gain_high", "positive", "verdict"]
 
 
-def _interval_columns(seed_gains, prefix: str = "") -> dict:
+def _seeds(seed_gains):
+    """The paired difference of a row's per-seed gains (none where the row has no seeds)."""
+    return paired_difference(seed_gains if isinstance(seed_gains, list) else [])
+
+
+def _interval_columns(d, prefix: str = "") -> dict:
     """The paired 95 % t-interval of per-seed gains, how many were > 0, and the claim it allows
     (analysis.paired); NaN interval and 'one checkpoint, no claim' without paired seeds."""
-    d = paired_difference(seed_gains if isinstance(seed_gains, list) else [])
     nan = float("nan")
     return {f"{prefix}gain_low": nan if d.low is None else d.low, f"{prefix}gain_high": nan if d.high is None else d.high,
             f"{prefix}positive": d.positive if d.n else nan,
@@ -260,7 +264,7 @@ def payoff_table(rows: pd.DataFrame) -> pd.DataFrame:
         out.append({**dict(zip(PAYOFF_KEYS + ["model"], key)), "baseline": g["baseline"].iloc[0]
                     if "baseline" in g else "dense", "n": d.n, "gain": d.mean,
                     "gain_std": float("nan") if d.std is None else d.std,
-                    **_interval_columns(g["delta_vs_dense"].astype(float).tolist()),
+                    **_interval_columns(d),
                     "seed_gains": g["delta_vs_dense"].astype(float).tolist(), "gap": gap})
     return pd.DataFrame(out, columns=cols)
 
